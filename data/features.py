@@ -1,0 +1,145 @@
+"""Turns ids and side features into the integer indices the embedding tables use.
+
+Index 0 of every vocabulary is reserved: padding for item ids, "unknown" for
+user ids (a cold user) and for side-feature values never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+UNKNOWN = "unknown"
+AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"))
+
+
+def age_bucket(value: str) -> str:
+    """MovieLens' age groups; a value that is not a number is unknown."""
+    try:
+        age = int(float(value))
+    except ValueError:
+        return UNKNOWN
+    for upper, label in AGE_BUCKETS:
+        if age < upper:
+            return label
+    return "50-55" if age < 56 else "56+"
+
+
+def zip_prefix(value: str) -> str:
+    """The first digit of a US zip code: a coarse region. Other codes share one token."""
+    value = str(value).strip()
+    return value[0] if value[:1].isdigit() else "other"
+
+
+TOKENIZERS = {"categorical": str, "age_bucket": age_bucket, "zip_prefix": zip_prefix}
+
+
+@dataclass
+class FeatureSpace:
+    """Vocabularies of every id and side feature, saved with the model.
+
+    Attributes:
+        user_ids: warm users with an id embedding, in index order from 1.
+        item_ids: the catalogue, in index order from 1.
+        user_features: tokenizer kind per user side feature.
+        user_vocab: tokens per user feature, in index order from 1.
+        item_vocab: tokens per item feature, in index order from 1.
+        item_tokens: per item feature, per item index, its token indices.
+    """
+
+    user_ids: list[int]
+    item_ids: list[int]
+    user_features: dict[str, str]
+    user_vocab: dict[str, list[str]]
+    item_vocab: dict[str, list[str]]
+    item_tokens: dict[str, list[list[int]]]
+
+    def __post_init__(self) -> None:
+        self._user_index = {u: i + 1 for i, u in enumerate(self.user_ids)}
+        self._item_index = {v: i + 1 for i, v in enumerate(self.item_ids)}
+        self._user_token = {
+            name: {t: i + 1 for i, t in enumerate(tokens)}
+            for name, tokens in self.user_vocab.items()
+        }
+
+    @classmethod
+    def build(
+        cls,
+        users: pd.DataFrame,
+        items: pd.DataFrame,
+        user_features: dict[str, str],
+        item_features: list[str],
+        id_users: list[int],
+    ) -> "FeatureSpace":
+        """Builds vocabularies from the user and item tables.
+
+        Args:
+            id_users: users that get an id embedding (the warm users).
+        """
+        user_vocab = {
+            name: sorted(
+                {TOKENIZERS[kind](v) for v in users[name]} - {UNKNOWN}
+            )
+            for name, kind in user_features.items()
+        }
+        item_vocab = {
+            name: sorted({t for tokens in items[name] for t in tokens})
+            for name in item_features
+        }
+        item_tokens = {}
+        for name in item_features:
+            index = {t: i + 1 for i, t in enumerate(item_vocab[name])}
+            item_tokens[name] = [[index[t] for t in tokens] for tokens in items[name]]
+        return cls(
+            user_ids=sorted(int(u) for u in id_users),
+            item_ids=[int(i) for i in items.item_id],
+            user_features=dict(user_features),
+            user_vocab=user_vocab,
+            item_vocab=item_vocab,
+            item_tokens=item_tokens,
+        )
+
+    @property
+    def num_items(self) -> int:
+        """Rows of the item table, padding included."""
+        return len(self.item_ids) + 1
+
+    def user_index(self, user_ids) -> np.ndarray:
+        return np.array([self._user_index.get(int(u), 0) for u in user_ids], np.int64)
+
+    def item_index(self, item_ids) -> np.ndarray:
+        return np.array([self._item_index.get(int(i), 0) for i in item_ids], np.int64)
+
+    def has_item(self, item_id: int) -> bool:
+        return int(item_id) in self._item_index
+
+    def encode_user(self, features: dict[str, str]) -> list[int]:
+        """Token index per user feature, in ``user_features`` order; 0 if unknown."""
+        tokens = []
+        for name, kind in self.user_features.items():
+            value = features.get(name)
+            token = UNKNOWN if value is None else TOKENIZERS[kind](str(value))
+            tokens.append(self._user_token[name].get(token, 0))
+        return tokens
+
+    def encode_users(self, users: pd.DataFrame) -> dict[int, list[int]]:
+        names = list(self.user_features)
+        return {
+            int(row["user_id"]): self.encode_user(row)
+            for row in users[["user_id", *names]].to_dict("records")
+        }
+
+    def save(self, path: Path) -> None:
+        fields = (
+            "user_ids", "item_ids", "user_features", "user_vocab", "item_vocab",
+            "item_tokens",
+        )  # fmt: skip
+        Path(path).write_text(json.dumps({f: getattr(self, f) for f in fields}))
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureSpace":
+        return cls(**json.loads(Path(path).read_text()))

@@ -1,0 +1,191 @@
+"""The served model: EMA teacher for known users, INT8 student for new ones.
+
+A bundle is the directory the pipeline exports and registers in MLflow. Loading
+it gives everything serving needs: the catalogue, known users' histories and
+side features, the EMA teacher and the INT8 cold-start student.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data.features import FeatureSpace
+from models.network import Batch
+from models.store import load_network
+
+
+@dataclass(frozen=True)
+class ColdUser:
+    """A user the model has no id embedding for.
+
+    Attributes:
+        features: side features by name, e.g. ``{"gender": "F", "age": "25"}``;
+            unknown names are rejected, missing ones fall back to "unknown".
+        item_ids: the few items the user has touched, oldest first.
+    """
+
+    features: dict[str, str]
+    item_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Scored:
+    item_id: int
+    score: float
+
+
+class Predictor(Protocol):
+    """What serving needs from a model; ``ModelBundle`` is the real one."""
+
+    version: str
+    embedding_dim: int
+    user_feature_names: tuple[str, ...]
+
+    def has_user(self, user_id: int) -> bool: ...
+
+    def has_item(self, item_id: int) -> bool: ...
+
+    def item_title(self, item_id: int) -> str | None: ...
+
+    def seen_items(self, user_id: int) -> frozenset[int]: ...
+
+    def user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray: ...
+
+    def cold_embeddings(self, users: Sequence[ColdUser]) -> np.ndarray: ...
+
+    def recommend_known(self, user_id: int, k: int) -> list[Scored]: ...
+
+    def recommend_cold(self, user: ColdUser, k: int) -> list[Scored]: ...
+
+
+BUNDLE_FORMAT = 1
+
+
+class ModelBundle:
+    """The real predictor, loaded from an exported bundle directory.
+
+    Known users are served by the EMA teacher with the history the bundle
+    holds for them; new users by the INT8 student from what the request says.
+    Inference is read-only, so one bundle serves concurrent threads.
+    """
+
+    def __init__(self, path: Path, version: str = "local"):
+        path = Path(path)
+        meta_path = path / "bundle.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path} is not an emarec bundle: bundle.json is missing")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(
+                f"{meta_path}: bundle format {self.meta.get('format')} is not "
+                f"{BUNDLE_FORMAT}; re-export it with this version of emarec"
+            )
+        self.version = version
+        self.path = path
+        self.space = FeatureSpace.load(path / "space.json")
+        self.max_history = int(self.meta["max_history"])
+        self.teacher = load_network(path, "ema_teacher", self.space)
+        self.student = load_network(path, "student_int8", self.space)
+        self.embedding_dim = int(self.teacher.config.embedding_dim)
+        self.user_feature_names = tuple(self.space.user_features)
+        self._candidates = torch.arange(self.space.num_items)
+        self._load_tables(path)
+
+    def _load_tables(self, path: Path) -> None:
+        users = pd.read_parquet(path / "users.parquet")
+        self._users = {
+            int(row["user_id"]): row for row in users.to_dict("records")
+        }
+        items = pd.read_parquet(path / "items.parquet")
+        self._titles = dict(zip(items.item_id.astype(int), items.title.astype(str)))
+        self._item_ids = np.array([0, *self.space.item_ids], dtype=np.int64)
+
+    def has_user(self, user_id: int) -> bool:
+        return int(user_id) in self._users
+
+    def has_item(self, item_id: int) -> bool:
+        return self.space.has_item(item_id)
+
+    def item_title(self, item_id: int) -> str | None:
+        return self._titles.get(int(item_id))
+
+    def seen_items(self, user_id: int) -> frozenset[int]:
+        return frozenset(int(i) for i in self._users[int(user_id)]["seen"])
+
+    def _known_batch(self, user_ids: Sequence[int]) -> Batch:
+        rows = [self._users[int(u)] for u in user_ids]
+        return self._batch(
+            self.space.user_index(user_ids),
+            [self.space.encode_user(row) for row in rows],
+            [list(row["history"]) for row in rows],
+        )
+
+    def _cold_batch(self, users: Sequence[ColdUser]) -> Batch:
+        return self._batch(
+            np.zeros(len(users), np.int64),
+            [self.space.encode_user(u.features) for u in users],
+            [list(u.item_ids) for u in users],
+        )
+
+    def _batch(self, user_idx, tokens, histories) -> Batch:
+        width = self.max_history
+        history = np.zeros((len(histories), width), np.int64)
+        lengths = np.zeros(len(histories), np.int64)
+        for row, items in enumerate(histories):
+            index = self.space.item_index(items[-width:])
+            history[row, : len(index)] = index
+            lengths[row] = len(index)
+        return Batch(
+            user_idx=torch.as_tensor(user_idx, dtype=torch.int64),
+            user_feats=torch.tensor(tokens, dtype=torch.int64).reshape(len(histories), -1),
+            item_idx=torch.zeros(len(histories), dtype=torch.int64),
+            history=torch.from_numpy(history),
+            history_len=torch.from_numpy(lengths),
+        )
+
+    @torch.no_grad()
+    def user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray:
+        user, _, _ = self.teacher.encode_user(self._known_batch(user_ids))
+        return user.numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def cold_embeddings(self, users: Sequence[ColdUser]) -> np.ndarray:
+        user, _, _ = self.student.encode_user(self._cold_batch(users))
+        return user.numpy().astype(np.float32)
+
+    def recommend_known(self, user_id: int, k: int) -> list[Scored]:
+        batch = self._known_batch([user_id])
+        return self._top(self.teacher, batch, self.seen_items(user_id), k)
+
+    def recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
+        return self._top(self.student, self._cold_batch([user]), set(user.item_ids), k)
+
+    @torch.no_grad()
+    def _top(self, model, batch: Batch, exclude, k: int) -> list[Scored]:
+        logit = model.score_candidates(batch, self._candidates)[0]  # [num_items]
+        logit[0] = -torch.inf
+        excluded = self.space.item_index(list(exclude))
+        logit[torch.from_numpy(excluded)] = -torch.inf
+        k = min(k, int(torch.isfinite(logit).sum()))
+        values, index = torch.topk(logit, k)
+        probability = torch.sigmoid(values)
+        return [
+            Scored(int(self._item_ids[i]), float(p)) for i, p in zip(index, probability)
+        ]
+
+
+def load_bundle(path: Path, version: str = "local") -> ModelBundle:
+    """Loads an exported bundle directory.
+
+    Raises:
+        FileNotFoundError: the directory is not a bundle.
+        ValueError: the bundle was written by an incompatible version.
+    """
+    return ModelBundle(path, version)

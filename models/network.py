@@ -1,0 +1,225 @@
+"""The recommender network shared by the teacher and the cold-start student.
+
+Embeddings are TorchRec ``EmbeddingBagCollection`` tables: one for user id (the
+teacher only), one per user side feature, one for item id and one per item
+feature. A user tower turns the user's inputs and the mean of their history into
+a user embedding. The candidate item attends over the history (DIN-style), giving
+attention weights and an interest vector, and a click head scores the pair.
+
+The student is the same network without the user-id table: all it knows of a
+user is their side features and the few items they touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from data.features import FeatureSpace
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+
+
+@dataclass
+class Batch:
+    """Model inputs as tensors; see ``data.examples.Examples`` for the fields."""
+
+    user_idx: torch.Tensor  # [B]
+    user_feats: torch.Tensor  # [B, F]
+    item_idx: torch.Tensor  # [B]
+    history: torch.Tensor  # [B, L]
+    history_len: torch.Tensor  # [B]
+    label: torch.Tensor | None = None  # [B]
+
+    @classmethod
+    def from_examples(cls, examples) -> "Batch":
+        return cls(
+            user_idx=torch.from_numpy(examples.user_idx),
+            user_feats=torch.from_numpy(examples.user_feats),
+            item_idx=torch.from_numpy(examples.item_idx),
+            history=torch.from_numpy(examples.history),
+            history_len=torch.from_numpy(examples.history_len),
+            label=torch.from_numpy(examples.label),
+        )
+
+
+@dataclass
+class Output:
+    logit: torch.Tensor  # [B]
+    user_embedding: torch.Tensor  # [B, D]
+    attention: torch.Tensor  # [B, L], zero past the history length
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    num_users: int
+    num_items: int
+    user_vocab_sizes: tuple[int, ...]
+    item_vocab_sizes: tuple[int, ...]
+    user_feature_names: tuple[str, ...]
+    item_feature_names: tuple[str, ...]
+    embedding_dim: int = 32
+    hidden_dim: int = 64
+    use_user_id: bool = True
+
+    @classmethod
+    def from_space(cls, space: FeatureSpace, use_user_id: bool, **dims) -> "NetworkConfig":
+        return cls(
+            num_users=len(space.user_ids) + 1,
+            num_items=space.num_items,
+            user_vocab_sizes=tuple(len(v) + 1 for v in space.user_vocab.values()),
+            item_vocab_sizes=tuple(len(v) + 1 for v in space.item_vocab.values()),
+            user_feature_names=tuple(space.user_vocab),
+            item_feature_names=tuple(space.item_vocab),
+            use_user_id=use_user_id,
+            **dims,
+        )
+
+
+def _table(name: str, rows: int, dim: int, pooling: PoolingType) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=f"t_{name}",
+        embedding_dim=dim,
+        num_embeddings=rows,
+        feature_names=[name],
+        pooling=pooling,
+    )
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class RecNetwork(nn.Module):
+    """User tower, candidate attention over history, and click head.
+
+    Args:
+        config: table sizes and widths.
+        item_tokens: per item feature, per item index, the token indices
+            (the item's genres, say); row 0, the padding item, has none.
+    """
+
+    def __init__(self, config: NetworkConfig, item_tokens: dict[str, list[list[int]]]):
+        super().__init__()
+        self.config = config
+        d = config.embedding_dim
+        self.user_keys = ([USER_ID] if config.use_user_id else []) + list(
+            config.user_feature_names
+        )
+        user_rows = ([config.num_users] if config.use_user_id else []) + list(
+            config.user_vocab_sizes
+        )
+        self.user_tables = EmbeddingBagCollection(
+            tables=[_table(k, n, d, PoolingType.SUM) for k, n in zip(self.user_keys, user_rows)]
+        )
+        self.item_keys = [ITEM_ID, *config.item_feature_names]
+        item_rows = [config.num_items, *config.item_vocab_sizes]
+        self.item_tables = EmbeddingBagCollection(
+            tables=[
+                _table(k, n, d, PoolingType.SUM if k == ITEM_ID else PoolingType.MEAN)
+                for k, n in zip(self.item_keys, item_rows)
+            ]
+        )
+        self._register_item_tokens(item_tokens)
+
+        self.item_proj = nn.Linear(len(self.item_keys) * d, d)
+        self.user_tower = _mlp([(len(self.user_keys) + 1) * d, config.hidden_dim, d])
+        self.query = nn.Linear(d, d, bias=False)
+        self.key = nn.Linear(d, d, bias=False)
+        self.head = _mlp([5 * d, config.hidden_dim, config.hidden_dim // 2, 1])
+
+    def _register_item_tokens(self, item_tokens: dict[str, list[list[int]]]) -> None:
+        # CSR layout per feature: token values and per-item offsets, padding first.
+        for name in self.config.item_feature_names:
+            rows = [[]] + item_tokens[name]
+            lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+            values = torch.tensor([t for r in rows for t in r], dtype=torch.int64)
+            offsets = torch.cumsum(lengths, 0) - lengths
+            self.register_buffer(f"{name}_values", values, persistent=False)
+            self.register_buffer(f"{name}_lengths", lengths, persistent=False)
+            self.register_buffer(f"{name}_offsets", offsets, persistent=False)
+
+    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """Item embeddings for any shape of indices: ``[...] -> [..., D]``."""
+        flat = item_idx.reshape(-1)
+        values, lengths = [flat], [torch.ones_like(flat)]
+        for name in self.config.item_feature_names:
+            feature_lengths = getattr(self, f"{name}_lengths")[flat]
+            starts = getattr(self, f"{name}_offsets")[flat]
+            # Position of each token within its item's run, then its global index.
+            run_start = torch.repeat_interleave(
+                torch.cumsum(feature_lengths, 0) - feature_lengths, feature_lengths
+            )
+            within = torch.arange(int(feature_lengths.sum())) - run_start
+            index = torch.repeat_interleave(starts, feature_lengths) + within
+            values.append(getattr(self, f"{name}_values")[index])
+            lengths.append(feature_lengths)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.item_keys, values=torch.cat(values), lengths=torch.cat(lengths)
+        )
+        pooled = self.item_tables(kjt).values()  # [M, K * D]
+        return self.item_proj(pooled).reshape(*item_idx.shape, -1)
+
+    def user_inputs(self, user_idx: torch.Tensor, user_feats: torch.Tensor) -> torch.Tensor:
+        """Pooled user-side embeddings, ``[B, K * D]``."""
+        columns = ([user_idx] if self.config.use_user_id else []) + list(
+            user_feats.unbind(1)
+        )
+        values = torch.cat(columns)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.user_keys, values=values, lengths=torch.ones_like(values)
+        )
+        return self.user_tables(kjt).values()
+
+    def encode_user(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the user embedding ``[B, D]``, history vectors ``[B, L, D]`` and
+        the history mask ``[B, L]``."""
+        length = batch.history.shape[1]
+        mask = torch.arange(length)[None, :] < batch.history_len[:, None]
+        history = self.item_vectors(batch.history) * mask[..., None]
+        mean = history.sum(1) / batch.history_len.clamp(min=1)[:, None]
+        tower_in = torch.cat([self.user_inputs(batch.user_idx, batch.user_feats), mean], 1)
+        return self.user_tower(tower_in), history, mask
+
+    def forward(self, batch: Batch) -> Output:
+        user, history, mask = self.encode_user(batch)
+        item = self.item_vectors(batch.item_idx)  # [B, D]
+        logit, attention = self._score(user, history, mask, item[:, None, :])
+        return Output(logit[:, 0], user, attention[:, 0])
+
+    def score_candidates(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+        """Click logits of each user against every candidate, ``[B, N]``.
+
+        ``batch.item_idx`` is ignored; ``candidates`` is ``[N]`` item indices.
+        """
+        user, history, mask = self.encode_user(batch)
+        items = self.item_vectors(candidates)[None].expand(user.shape[0], -1, -1)
+        logit, _ = self._score(user, history, mask, items)
+        return logit
+
+    def _score(self, user, history, mask, items):
+        """user [B, D], history [B, L, D], mask [B, L], items [B, N, D]."""
+        d = self.config.embedding_dim
+        scores = torch.einsum("bnd,bld->bnl", self.query(items), self.key(history))
+        scores = scores / math.sqrt(d)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        # A user with no history attends to nothing: weights stay zero, not NaN.
+        attention = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)  # [B, N, L]
+        interest = torch.einsum("bnl,bld->bnd", attention, history)
+        user_n = user[:, None, :].expand_as(items)
+        features = torch.cat(
+            [user_n, items, interest, user_n * items, interest * items], -1
+        )
+        logit = self.head(features)[..., 0] + (user_n * items).sum(-1)
+        return logit, attention  # [B, N], [B, N, L]

@@ -1,0 +1,51 @@
+"""Saving and loading networks as a JSON config plus tensors.
+
+Tensors are read with ``torch.load(weights_only=True)``: loading a model never
+runs pickled code. An INT8 network is rebuilt from its float structure by the
+same quantization, then its INT8 tensors are loaded into it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data.features import FeatureSpace
+from models.network import NetworkConfig, RecNetwork
+from models.quantize import quantize_dense, quantize_tables
+
+
+def save_network(
+    model: nn.Module, config: NetworkConfig, folder: Path, name: str, quantized: dict | None = None
+) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"network": asdict(config), "quantized": quantized}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    torch.save(model.state_dict(), folder / f"{name}.pt")
+
+
+def load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:
+    """Loads ``name`` from ``folder`` in eval mode.
+
+    Raises:
+        FileNotFoundError: the config or the tensors are missing.
+    """
+    folder = Path(folder)
+    meta = json.loads((folder / f"{name}.json").read_text())
+    raw = meta["network"]
+    for key in ("user_vocab_sizes", "item_vocab_sizes", "user_feature_names", "item_feature_names"):
+        raw[key] = tuple(raw[key])
+    model: nn.Module = RecNetwork(NetworkConfig(**raw), space.item_tokens).eval()
+    quantized = meta.get("quantized")
+    if quantized:
+        model = quantize_tables(model)
+        if quantized.get("dense") == "int8 dynamic":
+            model = quantize_dense(model)
+    state = torch.load(folder / f"{name}.pt", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

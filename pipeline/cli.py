@@ -1,0 +1,158 @@
+"""The ``emarec`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.config import PipelineConfig
+
+logger = logging.getLogger("emarec")
+
+STEP_NAMES = ("ingest", "train", "quantize", "evaluate", "register")
+
+
+def _pipeline_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline")
+    group.add_argument("--data", type=Path, help="MovieLens-100K folder or a log file")
+    group.add_argument("--mapping", type=Path, help="column mapping of a log file")
+    group.add_argument("--config", type=Path, help="JSON or YAML pipeline config")
+    group.add_argument("--work-dir", type=Path, help="where the run writes (runs/<time>)")
+    group.add_argument("--tracking-uri", help="MLflow tracking URI")
+    group.add_argument("--epochs", type=int, help="teacher epochs")
+    group.add_argument("--max-steps", type=int, help="stop the teacher after N steps")
+    group.add_argument("--student-epochs", type=int, help="extra distillation epochs")
+    group.add_argument("--seed", type=int)
+
+
+def build_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config file (if any), then command-line values over it."""
+    raw = {}
+    if args.config:
+        raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
+    top = {"data": args.data, "mapping": args.mapping, "work_dir": args.work_dir}
+    top["tracking_uri"] = args.tracking_uri
+    raw.update({k: v for k, v in top.items() if v is not None})
+    train = {
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "student_epochs": args.student_epochs,
+        "seed": args.seed,
+    }
+    raw.setdefault("train", {}).update({k: v for k, v in train.items() if v is not None})
+    if args.work_dir and (args.work_dir / "config.json").is_file() and not args.config:
+        # A later step of an existing run: reuse that run's settings.
+        saved = PipelineConfig.load(args.work_dir / "config.json").model_dump()
+        saved.update({k: v for k, v in raw.items() if k != "train"})
+        saved["train"].update(raw["train"])
+        raw = saved
+    return PipelineConfig.model_validate(raw)
+
+
+def cmd_run(args) -> int:
+    from pipeline.run import run_pipeline
+    from pipeline.summary import print_summary
+
+    config = build_config(args)
+    results = run_pipeline(config)
+    print_summary(config, results)
+    return 0
+
+
+def cmd_step(args) -> int:
+    from pipeline.run import run_step
+
+    config = build_config(args)
+    result = run_step(args.command, config)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serving.cli import serve
+    from serving.config import ServingSettings
+
+    overrides = {"host": args.host, "port": args.port, "model_dir": args.model_dir}
+    overrides["tracking_uri"] = args.tracking_uri
+    settings = ServingSettings(**{k: v for k, v in overrides.items() if v is not None})
+    serve(settings)
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from pipeline.replay import replay_test_period
+
+    summary = replay_test_period(args.url, args.data, args.mapping, limit=args.limit, k=args.k)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if summary["errors"] == 0 else 1
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(build_config(args), port=args.port)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emarec", description="EMA-distillation recommender pipeline"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the whole batch pipeline")
+    _pipeline_options(run)
+    run.set_defaults(func=cmd_run)
+    for name in STEP_NAMES:
+        step = commands.add_parser(name, help=f"only the {name} step of a run")
+        _pipeline_options(step)
+        step.set_defaults(func=cmd_step)
+
+    serve = commands.add_parser("serve", help="the REST service (uvicorn)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model-dir", type=Path, help="serve a bundle folder, not MLflow")
+    serve.add_argument("--tracking-uri")
+    serve.set_defaults(func=cmd_serve)
+
+    replay = commands.add_parser("replay", help="replay the test period against a server")
+    replay.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
+    replay.add_argument("--data", type=Path)
+    replay.add_argument("--mapping", type=Path)
+    replay.add_argument("--limit", type=int, help="at most N users")
+    replay.add_argument("--k", type=int, default=10)
+    replay.set_defaults(func=cmd_replay)
+
+    demo = commands.add_parser("demo", help="pipeline, server, replay, stop")
+    _pipeline_options(demo)
+    demo.add_argument("--port", type=int, help="server port (a free one by default)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # FBGEMM and torch announce every kernel library they load.
+    logging.getLogger().handlers[0].addFilter(
+        lambda record: record.name != "root" or record.levelno >= logging.WARNING
+    )
+    try:
+        return args.func(args)
+    except ValidationError as error:
+        print(f"emarec: invalid configuration:\n{error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"emarec: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

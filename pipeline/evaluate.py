@@ -1,0 +1,224 @@
+"""Evaluate every model on the test sets of both cohorts.
+
+Pointwise: AUC and log loss over the rated test pairs. Ranking: Recall@K and
+NDCG@K over all items the user has not seen in train (warm) or onboarding
+(cold), relevant = the user's test clicks. Recall@K is normalised by
+``min(K, relevant)`` so that a perfect top-K scores 1 for users with many
+relevant items. Popularity ranks items by train-and-onboarding clicks; its
+probability for log loss is the item's smoothed click rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.examples import Examples, RankingUser  # noqa: E402
+from models.network import Batch  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.prepare import Prepared, prepare  # noqa: E402
+from pipeline.tracking import tracked_run  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("popularity", "online_teacher", "ema_teacher", "student", "student_int8")
+COHORTS = ("cold", "warm")
+USERS_PER_CHUNK = 64
+
+
+def eval_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "eval"
+
+
+class Popularity:
+    """Clicks per item in train and onboarding."""
+
+    def __init__(self, prepared: Prepared):
+        known = prepared.events.split.isin(["train", "onboarding"]).to_numpy()
+        items = prepared.examples.item_idx[known]
+        labels = prepared.examples.label[known]
+        n = prepared.space.num_items
+        self.clicks = np.bincount(items, weights=labels, minlength=n)
+        ratings = np.bincount(items, minlength=n)
+        prior = labels.mean()
+        # Beta prior worth 10 ratings at the global click rate.
+        self.rate = (self.clicks + 10 * prior) / (ratings + 10)
+
+    def pointwise(self, examples: Examples) -> tuple[np.ndarray, np.ndarray]:
+        return self.clicks[examples.item_idx], self.rate[examples.item_idx]
+
+    def rank_scores(self, users: list[RankingUser]) -> np.ndarray:
+        return np.tile(self.clicks, (len(users), 1)).astype(np.float64)
+
+
+@torch.no_grad()
+def network_pointwise(model, examples: Examples) -> tuple[np.ndarray, np.ndarray]:
+    logit = model(Batch.from_examples(examples)).logit.numpy()
+    return logit, 1.0 / (1.0 + np.exp(-logit))
+
+
+@torch.no_grad()
+def network_rank_scores(model, users: list[RankingUser], num_items: int, max_history: int):
+    """``[U, num_items]`` logits; column 0 (padding) is never ranked."""
+    candidates = torch.arange(num_items)
+    parts = []
+    for start in range(0, len(users), USERS_PER_CHUNK):
+        chunk = users[start : start + USERS_PER_CHUNK]
+        parts.append(model.score_candidates(ranking_batch(chunk, max_history), candidates))
+    return torch.cat(parts).numpy()
+
+
+def ranking_batch(users: list[RankingUser], max_history: int) -> Batch:
+    history = np.zeros((len(users), max_history), np.int64)
+    for row, user in enumerate(users):
+        history[row, : len(user.history)] = user.history[-max_history:]
+    return Batch(
+        user_idx=torch.tensor([u.user_idx for u in users]),
+        user_feats=torch.tensor([u.user_feats for u in users], dtype=torch.int64),
+        item_idx=torch.zeros(len(users), dtype=torch.int64),
+        history=torch.from_numpy(history),
+        history_len=torch.tensor([min(len(u.history), max_history) for u in users]),
+    )
+
+
+def ranking_metrics(scores: np.ndarray, users: list[RankingUser], k: int) -> dict:
+    """Mean Recall@K and NDCG@K; seen items and padding are excluded."""
+    scores = scores.copy()
+    scores[:, 0] = -np.inf
+    for row, user in enumerate(users):
+        scores[row, list(user.seen)] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    recalls, ndcgs = [], []
+    for row, user in enumerate(users):
+        hits = np.array([item in user.relevant for item in top[row]], dtype=float)
+        ideal = min(k, len(user.relevant))
+        recalls.append(hits.sum() / ideal)
+        ndcgs.append((hits * discounts).sum() / discounts[:ideal].sum())
+    return {f"recall_at_{k}": float(np.mean(recalls)), f"ndcg_at_{k}": float(np.mean(ndcgs))}
+
+
+def pointwise_metrics(score: np.ndarray, prob: np.ndarray, label: np.ndarray) -> dict:
+    prob = np.clip(prob, 1e-7, 1 - 1e-7)
+    return {
+        "auc": float(roc_auc_score(label, score)),
+        "log_loss": float(log_loss(label, prob, labels=[0, 1])),
+    }
+
+
+def evaluate_models(prepared: Prepared, models: dict, k: int, max_history: int) -> dict:
+    """Metrics named ``{model}/{cohort}/{metric}``.
+
+    Args:
+        models: name to network; "popularity" is added here.
+    """
+    popularity = Popularity(prepared)
+    users = prepared.ranking_users()
+    metrics = {}
+    for name in tqdm(["popularity", *models], desc="evaluate", unit="model"):
+        for cohort in COHORTS:
+            test = prepared.select(cohort, "test")
+            cohort_users = [u for u in users if u.cohort == cohort]
+            if name == "popularity":
+                score, prob = popularity.pointwise(test)
+                ranks = popularity.rank_scores(cohort_users)
+            else:
+                score, prob = network_pointwise(models[name], test)
+                ranks = network_rank_scores(
+                    models[name], cohort_users, prepared.space.num_items, max_history
+                )
+            values = {
+                **pointwise_metrics(score, prob, test.label),
+                **ranking_metrics(ranks, cohort_users, k),
+            }
+            metrics.update({f"{name}/{cohort}/{m}": v for m, v in values.items()})
+    return metrics
+
+
+def quality_table(metrics: dict, k: int) -> pd.DataFrame:
+    columns = ["auc", "log_loss", f"recall_at_{k}", f"ndcg_at_{k}"]
+    names = sorted({key.split("/")[0] for key in metrics}, key=_model_order)
+    rows = {
+        name: {
+            f"{cohort} {column}": metrics.get(f"{name}/{cohort}/{column}", np.nan)
+            for cohort in COHORTS
+            for column in columns
+        }
+        for name in names
+    }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _model_order(name: str) -> int:
+    return MODELS.index(name) if name in MODELS else len(MODELS)
+
+
+def plot_quality(table: pd.DataFrame, k: int, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, metric in zip(axes, ["auc", f"recall_at_{k}"]):
+        columns = [f"{c} {metric}" for c in COHORTS]
+        table[columns].rename(columns=lambda c: c.split()[0]).plot.bar(ax=ax, rot=30)
+        ax.set_title(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("train/teacher_loss", "distill/label", "distill/embedding"):
+        if name in curves:
+            steps, values = zip(*curves[name])
+            axes[0].plot(steps, values, label=name)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses")
+    axes[0].legend()
+    for name in ("online_teacher", "ema_teacher", "student"):
+        key = f"valid/{name}/auc"
+        if key in curves:
+            steps, values = zip(*curves[key])
+            axes[1].plot(steps, values, marker="o", label=name)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("valid AUC")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(config: PipelineConfig) -> dict:
+    """Scores every saved model; writes ``work_dir/eval`` and logs to MLflow."""
+    from models.store import load_network
+    from pipeline.train import model_dir
+
+    from data.features import FeatureSpace
+
+    folder = model_dir(config.work_dir)
+    space = FeatureSpace.load(folder / "space.json")
+    prepared = prepare(config.work_dir, config.train.max_history, space)
+    models = {name: load_network(folder, name, space) for name in MODELS[1:]}
+    metrics = evaluate_models(prepared, models, config.eval_k, config.train.max_history)
+
+    out = eval_dir(config.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    table = quality_table(metrics, config.eval_k)
+    (out / "quality.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
+    plot_quality(table, config.eval_k, out / "quality.png")
+    plot_curves(json.loads((folder / "curves.json").read_text()), out / "training_curves.png")
+    with tracked_run(config):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out), artifact_path="eval")
+    return metrics

@@ -1,0 +1,87 @@
+"""Ingest: read the raw data, quarantine bad rows, write Parquet with a fixed schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.load import load_data
+from data.locate import resolve_data
+from data.schema import INTERACTIONS_SCHEMA, QUARANTINE_SCHEMA, LoadedData
+from data.split import split_counts, split_interactions
+from pipeline.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "ingest"
+
+
+def run_ingest(config: PipelineConfig) -> dict:
+    """Loads the configured data and writes it under ``work_dir/ingest``.
+
+    Returns:
+        Counts: rows in, kept and quarantined, and users and rows per split.
+    """
+    source = resolve_data(config.data)
+    loaded = load_data(source, config.mapping)
+    out = ingest_dir(config.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_loaded(loaded, out)
+    events = split_interactions(loaded.interactions)
+    summary = {
+        "source": str(source),
+        "rows_in": loaded.rows_in,
+        "rows_kept": loaded.rows_kept,
+        "rows_quarantined": loaded.rows_quarantined,
+        "quarantined_lines": len(loaded.quarantine),
+        "users": int(loaded.users.user_id.nunique()),
+        "items": int(loaded.items.item_id.nunique()),
+        **split_counts(events),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info(
+        "ingested %s: rows_in=%d = rows_kept=%d + rows_quarantined=%d (quarantine: %s)",
+        source,
+        loaded.rows_in,
+        loaded.rows_kept,
+        loaded.rows_quarantined,
+        out / "quarantine.parquet",
+    )
+    return summary
+
+
+def write_loaded(loaded: LoadedData, out: Path) -> None:
+    table = pa.Table.from_pandas(loaded.interactions, INTERACTIONS_SCHEMA, preserve_index=False)
+    pq.write_table(table, out / "interactions.parquet")
+    quarantine = pa.Table.from_pandas(loaded.quarantine, QUARANTINE_SCHEMA, preserve_index=False)
+    pq.write_table(quarantine, out / "quarantine.parquet")
+    loaded.users.to_parquet(out / "users.parquet", index=False)
+    loaded.items.to_parquet(out / "items.parquet", index=False)
+    meta = {"user_features": loaded.user_features, "item_features": loaded.item_features}
+    (out / "features.json").write_text(json.dumps(meta))
+
+
+def read_ingested(work_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Interactions, users, items and the feature description written by ingest."""
+    out = ingest_dir(work_dir)
+    if not (out / "interactions.parquet").is_file():
+        raise FileNotFoundError(
+            f"{out} has no ingested data: run `emarec ingest --work-dir {work_dir}` first"
+        )
+    items = pd.read_parquet(out / "items.parquet")
+    meta = json.loads((out / "features.json").read_text())
+    for name in meta["item_features"]:
+        items[name] = items[name].map(list)
+    return (
+        pd.read_parquet(out / "interactions.parquet"),
+        pd.read_parquet(out / "users.parquet"),
+        items,
+        meta,
+    )

@@ -1,0 +1,58 @@
+"""Everything the train and evaluate steps derive from the ingested data, built the
+same way in both so that a step run alone sees the same examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.examples import Examples, RankingUser, build_examples, ranking_users
+from data.features import FeatureSpace
+from data.split import split_interactions
+from pipeline.ingest import read_ingested
+
+
+@dataclass
+class Prepared:
+    events: pd.DataFrame
+    users: pd.DataFrame
+    items: pd.DataFrame
+    space: FeatureSpace
+    user_tokens: dict[int, list[int]]
+    examples: Examples
+
+    def select(self, cohort: str, split: str) -> Examples:
+        mask = (self.events.cohort == cohort) & (self.events.split == split)
+        return self.examples.take(np.flatnonzero(mask.to_numpy()))
+
+    def seen_in_train(self) -> dict[int, set[int]]:
+        """Item indices each user has in train or onboarding."""
+        known = self.events.split.isin(["train", "onboarding"]).to_numpy()
+        frame = pd.DataFrame(
+            {"user_id": self.examples.user_id[known], "item": self.examples.item_idx[known]}
+        )
+        return {int(u): set(g) for u, g in frame.groupby("user_id")["item"]}
+
+    def ranking_users(self) -> list[RankingUser]:
+        return ranking_users(self.events, self.examples)
+
+
+def prepare(work_dir: Path, max_history: int, space: FeatureSpace | None = None) -> Prepared:
+    """Splits the ingested events and encodes them.
+
+    Args:
+        space: vocabularies to reuse (a trained model's); built afresh if None.
+    """
+    interactions, users, items, meta = read_ingested(work_dir)
+    events = split_interactions(interactions)
+    if space is None:
+        warm = events.loc[events.cohort == "warm", "user_id"].unique()
+        space = FeatureSpace.build(
+            users, items, meta["user_features"], meta["item_features"], warm.tolist()
+        )
+    user_tokens = space.encode_users(users)
+    examples = build_examples(events, space, user_tokens, max_history)
+    return Prepared(events, users, items, space, user_tokens, examples)

@@ -1,0 +1,51 @@
+"""Quantize: the float student becomes the INT8 student that serves new users."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import mlflow
+import numpy as np
+import torch
+
+from data.features import FeatureSpace
+from models.network import Batch
+from models.quantize import embedding_bytes, quantize_student
+from models.store import load_network, save_network
+from pipeline.config import PipelineConfig
+from pipeline.prepare import prepare
+from pipeline.tracking import tracked_run
+from pipeline.train import model_dir
+
+logger = logging.getLogger(__name__)
+
+
+def run_quantize(config: PipelineConfig) -> dict:
+    """Writes ``student_int8`` beside the float student and logs what was done."""
+    folder = model_dir(config.work_dir)
+    space = FeatureSpace.load(folder / "space.json")
+    student = load_network(folder, "student", space)
+    prepared = prepare(config.work_dir, config.train.max_history, space)
+    valid = prepared.select("warm", "valid")
+    sample = Batch.from_examples(valid.take(np.arange(min(16, len(valid)))))
+    candidates = torch.arange(space.num_items)
+    quantized, info = quantize_student(student, sample, candidates, config.train.quantize_dense)
+    save_network(quantized, student.config, folder, "student_int8", quantized=info)
+    info["float_embedding_bytes"] = embedding_bytes(student)
+    info["int8_embedding_bytes"] = embedding_bytes(quantized)
+    (folder / "quantize.json").write_text(json.dumps(info, indent=2))
+    logger.info(
+        "INT8 student: tables %s, dense %s, embedding bytes %d -> %d",
+        info["embedding_tables"],
+        info["dense"],
+        info["float_embedding_bytes"],
+        info["int8_embedding_bytes"],
+    )
+    with tracked_run(config):
+        mlflow.log_dict(info, "model/quantize.json")
+        mlflow.log_metric(
+            "quantize/embedding_size_ratio",
+            info["float_embedding_bytes"] / max(1, info["int8_embedding_bytes"]),
+        )
+    return info

@@ -1,0 +1,150 @@
+"""Register: export the serving bundle, register it in MLflow, and move the
+``champion`` alias to it only when it passes the gate.
+
+The gate: no worse than the current champion on cold Recall@K (INT8 student,
+which serves new users) and on warm Recall@K (EMA teacher, which serves known
+users). The first version always passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from models.bundle import BUNDLE_FORMAT
+from pipeline.config import PipelineConfig
+from pipeline.evaluate import eval_dir
+from pipeline.ingest import read_ingested
+from pipeline.pyfunc import EmarecPyfunc
+from pipeline.tracking import run_id, tracked_run
+from pipeline.train import model_dir
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FILES = (
+    "space.json", "ema_teacher.json", "ema_teacher.pt", "student_int8.json",
+    "student_int8.pt", "quantize.json",
+)  # fmt: skip
+
+
+def gate_metrics(metrics: dict, k: int) -> dict[str, float]:
+    return {
+        "cold": metrics[f"student_int8/cold/recall_at_{k}"],
+        "warm": metrics[f"ema_teacher/warm/recall_at_{k}"],
+    }
+
+
+def export_bundle(config: PipelineConfig) -> Path:
+    """Writes ``work_dir/bundle``: networks, vocabularies, known users, catalogue.
+
+    Known users are the warm users, with the history and seen items of their
+    train and valid events: what the model knew when it was trained. Their test
+    events stay unseen, so that replaying the test period measures real CTR.
+    """
+    from data.split import split_interactions
+
+    source, bundle = model_dir(config.work_dir), Path(config.work_dir) / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    bundle.mkdir(parents=True)
+    for name in BUNDLE_FILES:
+        shutil.copy2(source / name, bundle / name)
+    interactions, users, items, meta = read_ingested(config.work_dir)
+    events = split_interactions(interactions)
+    known = events[(events.cohort == "warm") & events.split.isin(["train", "valid"])]
+    width = config.train.max_history
+    per_user = known.groupby("user_id")["item_id"].agg(list)
+    table = users[users.user_id.isin(per_user.index)].copy()
+    table["history"] = table.user_id.map(lambda u: per_user[u][-width:])
+    table["seen"] = table.user_id.map(lambda u: sorted(set(per_user[u])))
+    table.to_parquet(bundle / "users.parquet", index=False)
+    items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)
+    metrics = json.loads((eval_dir(config.work_dir) / "metrics.json").read_text())
+    info = {
+        "format": BUNDLE_FORMAT,
+        "max_history": width,
+        "embedding_dim": config.train.embedding_dim,
+        "user_features": meta["user_features"],
+        "created": datetime.now(timezone.utc).isoformat(),
+        "training_run_id": run_id(config.work_dir),
+        "gate": gate_metrics(metrics, config.eval_k),
+    }
+    (bundle / "bundle.json").write_text(json.dumps(info, indent=2))
+    return bundle
+
+
+def champion_gate(client: MlflowClient, config: PipelineConfig) -> dict | None:
+    """The current champion's gate metrics, or None when there is no champion."""
+    try:
+        version = client.get_model_version_by_alias(config.model_name, config.alias)
+    except MlflowException:
+        return None
+    tags = version.tags
+    return {
+        "version": version.version,
+        "cold": float(tags["gate.cold_recall"]),
+        "warm": float(tags["gate.warm_recall"]),
+    }
+
+
+def run_register(config: PipelineConfig) -> dict:
+    """Logs and registers the bundle; promotes it if it passes the gate.
+
+    Returns:
+        ``version``, ``promoted`` and the gate figures compared.
+    """
+    bundle = export_bundle(config)
+    gate = json.loads((bundle / "bundle.json").read_text())["gate"]
+    client = MlflowClient(config.tracking_uri)
+    with tracked_run(config) as run:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=EmarecPyfunc(),
+            artifacts={"bundle": str(bundle)},
+            pip_requirements=["emarec"],
+        )
+        version = mlflow.register_model(info.model_uri, config.model_name)
+        client.set_model_version_tag(
+            config.model_name, version.version, "gate.cold_recall", str(gate["cold"])
+        )
+        client.set_model_version_tag(
+            config.model_name, version.version, "gate.warm_recall", str(gate["warm"])
+        )
+        client.set_model_version_tag(
+            config.model_name, version.version, "training_run_id", run.info.run_id
+        )
+        current = champion_gate(client, config)
+        promoted = current is None or (
+            gate["cold"] >= current["cold"] and gate["warm"] >= current["warm"]
+        )
+        if promoted:
+            client.set_registered_model_alias(config.model_name, config.alias, version.version)
+        mlflow.log_metric("register/promoted", float(promoted))
+        mlflow.set_tag("registered_version", version.version)
+    result = {
+        "version": version.version,
+        "promoted": promoted,
+        "candidate": gate,
+        "champion_before": current,
+    }
+    if promoted:
+        logger.info("version %s is now %r", version.version, config.alias)
+    else:
+        logger.warning(
+            "version %s kept out of %r: cold %.4f vs %.4f, warm %.4f vs %.4f",
+            version.version,
+            config.alias,
+            gate["cold"],
+            current["cold"],
+            gate["warm"],
+            current["warm"],
+        )
+    (Path(config.work_dir) / "register.json").write_text(json.dumps(result, indent=2))
+    return result
+

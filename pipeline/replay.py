@@ -1,0 +1,59 @@
+"""Replays the test period of the split against a running server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.load import load_data
+from data.locate import resolve_data
+from data.split import split_interactions
+from serving.replay import ReplayUser, replay
+
+
+def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayUser]:
+    """Every user with test events: warm users by id, cold users by their side
+    features and onboarding items; their test clicks are what they would click."""
+    loaded = load_data(resolve_data(data), mapping)
+    events = split_interactions(loaded.interactions)
+    names = list(loaded.user_features)
+    features = {
+        int(row["user_id"]): {n: str(row[n]) for n in names}
+        for row in loaded.users.to_dict("records")
+    }
+    users = []
+    for user_id, frame in events.groupby("user_id"):
+        test = frame[frame.split == "test"]
+        if test.empty:
+            continue
+        cohort = str(test.cohort.iat[0])
+        onboarding = frame.loc[frame.split == "onboarding", "item_id"].tolist()
+        users.append(
+            ReplayUser(
+                user_id=int(user_id),
+                cohort=cohort,
+                features=features.get(int(user_id), {}) if cohort == "cold" else {},
+                item_ids=[int(i) for i in onboarding],
+                test_clicks={int(i) for i in test.loc[test.click == 1, "item_id"]},
+            )
+        )
+    return users
+
+
+def replay_test_period(
+    url: str, data: Path | None, mapping: Path | None = None, limit: int | None = None, k: int = 10
+) -> dict:
+    users = replay_users(data, mapping)
+    if limit is not None:
+        users = users[:limit]
+    summary = replay(url, users, k=k)
+    return {
+        "users": len(users),
+        "errors": summary.errors,
+        "impressions": summary.impressions,
+        "clicks": summary.clicks,
+        "ctr": summary.ctr,
+        "cohorts": {
+            name: {"users": c.users, "impressions": c.impressions, "clicks": c.clicks, "ctr": c.ctr}
+            for name, c in summary.cohorts.items()
+        },
+    }

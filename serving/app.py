@@ -1,0 +1,353 @@
+"""The HTTP API: embeddings and recommendations for known and new users.
+
+Known (warm) users are served from the EMA teacher, new (cold) users from the
+INT8 student. Handlers are plain ``def`` functions so FastAPI runs the blocking
+model calls in its threadpool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, NamedTuple
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+
+from models.bundle import ColdUser, Predictor, Scored, load_bundle
+from serving.config import ServingSettings
+from serving.recommendations import RecommendationLog
+from serving.registry import resolve_model
+from serving.reporter import ServingReporter
+from serving.schemas import (
+    MAX_ID,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    RecommendationRequest,
+    RecommendationResponse,
+    RecommendedItem,
+    UserEmbeddingResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LoadedModel(NamedTuple):
+    """A predictor and the training run it came from (``None`` if unknown)."""
+
+    predictor: Predictor
+    run_id: str | None = None
+
+
+PredictorLoader = Callable[[ServingSettings], LoadedModel]
+ReporterFactory = Callable[[ServingSettings, str, str | None], ServingReporter]
+# A 422 error: location under the body, message, offending input.
+_Error = tuple[tuple[Any, ...], str, Any]
+
+
+def load_registered_model(settings: ServingSettings) -> LoadedModel:
+    """Resolve the bundle (local dir or registry alias) and load it.
+
+    Args:
+        settings: serving settings.
+
+    Returns:
+        The loaded bundle and its training run id.
+    """
+    path, version, run_id = resolve_model(settings)
+    return LoadedModel(load_bundle(path, version), run_id)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """Everything the handlers share, built by the app's lifespan."""
+
+    settings: ServingSettings
+    predictor: Predictor
+    reporter: ServingReporter
+    recommendations: RecommendationLog
+
+
+def create_app(
+    settings: ServingSettings | None = None,
+    predictor_loader: PredictorLoader | None = None,
+    *,
+    reporter_factory: ReporterFactory | None = None,
+) -> FastAPI:
+    """Build the serving app; the model is loaded when the app starts.
+
+    Args:
+        settings: serving settings; read from the environment when ``None``.
+        predictor_loader: returns the model to serve; defaults to
+            :func:`load_registered_model`.
+        reporter_factory: builds the metrics reporter from settings, model
+            version and training run id; defaults to
+            :meth:`ServingReporter.from_settings`.
+
+    Returns:
+        The FastAPI app; its state is ``app.state.serving`` while running.
+    """
+    settings = settings or ServingSettings()
+    loader = predictor_loader or load_registered_model
+    make_reporter = reporter_factory or ServingReporter.from_settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = await run_in_threadpool(loader, settings)
+        predictor = loaded.predictor
+        reporter = make_reporter(settings, predictor.version, loaded.run_id)
+        reporter.start()
+        log = RecommendationLog(settings.recommendation_cache)
+        app.state.serving = ServingState(settings, predictor, reporter, log)
+        logger.info("serving model version %s", predictor.version)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(reporter.stop)
+            logger.info("serving stopped")
+
+    app = FastAPI(
+        title="emarec",
+        summary="Embeddings and recommendations for known and new users.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    return app
+
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(_state)]
+
+
+@contextmanager
+def _timed(state: ServingState, endpoint: str) -> Iterator[None]:
+    """Record the handler's wall time, failed requests included."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        state.reporter.record_latency(endpoint, time.perf_counter() - start)
+
+
+def _invalid(errors: list[_Error]) -> RequestValidationError:
+    """A 422 in the same shape as FastAPI's own validation errors."""
+    return RequestValidationError(
+        [
+            {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}
+            for loc, msg, value in errors
+        ]
+    )
+
+
+def _cold_user_errors(
+    state: ServingState, features: dict[str, str], item_ids: list[int], loc: tuple
+) -> list[_Error]:
+    """Check a new user's features and items against the model."""
+    known = state.predictor.user_feature_names
+    errors = [
+        (
+            (*loc, "features", name),
+            f"unknown user feature {name!r}; expected one of {list(known)}",
+            name,
+        )
+        for name in features
+        if name not in known
+    ]
+    max_history = state.settings.max_history
+    if len(item_ids) > max_history:
+        msg = f"item_ids holds {len(item_ids)} items; send at most {max_history}"
+        errors.append(((*loc, "item_ids"), msg, len(item_ids)))
+        return errors
+    unknown = sorted({i for i in item_ids if not state.predictor.has_item(i)})
+    if unknown:
+        msg = f"unknown item ids {unknown}; they are not in the catalogue"
+        errors.append(((*loc, "item_ids"), msg, unknown))
+    return errors
+
+
+def _check_max(field: str, value: int, limit: int, what: str) -> None:
+    if value > limit:
+        msg = f"{what} is {value}; this server allows at most {limit}"
+        raise _invalid([((field,), msg, value)])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+def healthz(state: State) -> HealthResponse:
+    """Liveness check naming the model version being served."""
+    return HealthResponse(model_version=state.predictor.version)
+
+
+@router.get("/v1/users/{user_id}/embedding", response_model=UserEmbeddingResponse)
+def user_embedding(
+    user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)], state: State
+) -> UserEmbeddingResponse:
+    """Embedding of a known user from the EMA teacher."""
+    with _timed(state, "embedding"):
+        predictor = state.predictor
+        if not predictor.has_user(user_id):
+            raise HTTPException(
+                404,
+                f"unknown user {user_id}; use POST /v1/embeddings with the user's "
+                "features and item_ids for new users",
+            )
+        embedding = predictor.user_embeddings([user_id])[0]
+        logger.debug("embedding for user %d", user_id)
+        return UserEmbeddingResponse(
+            user_id=user_id,
+            embedding=embedding.tolist(),
+            model_version=predictor.version,
+        )
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse)
+def cold_embeddings(body: EmbeddingsRequest, state: State) -> EmbeddingsResponse:
+    """Embeddings of new users from the INT8 cold-start student."""
+    with _timed(state, "embeddings"):
+        max_batch = state.settings.max_batch
+        _check_max("users", len(body.users), max_batch, "the number of users")
+        errors: list[_Error] = []
+        for index, user in enumerate(body.users):
+            loc = ("users", index)
+            errors += _cold_user_errors(state, user.features, user.item_ids, loc)
+        if errors:
+            raise _invalid(errors)
+        users = [_to_cold_user(user.features, user.item_ids) for user in body.users]
+        embeddings = state.predictor.cold_embeddings(users)
+        logger.debug("cold embeddings for %d users", len(users))
+        return EmbeddingsResponse(
+            embeddings=embeddings.tolist(), model_version=state.predictor.version
+        )
+
+
+def _to_cold_user(features: dict[str, str] | None, item_ids: list[int]) -> ColdUser:
+    return ColdUser(features=dict(features or {}), item_ids=tuple(item_ids))
+
+
+@router.post("/v1/recommendations", response_model=RecommendationResponse)
+def recommendations(
+    body: RecommendationRequest, state: State
+) -> RecommendationResponse:
+    """Top-k unseen items for a known user (warm) or a new one (cold)."""
+    with _timed(state, "recommendations"):
+        _check_max("k", body.k, state.settings.max_k, "k")
+        cohort, scored = _recommend(body, state)
+        predictor = state.predictor
+        item_ids = [s.item_id for s in scored]
+        stored = state.recommendations.add(cohort, predictor.version, item_ids)
+        logger.debug("%s recommendation %s", cohort, stored.recommendation_id)
+        return RecommendationResponse(
+            recommendation_id=stored.recommendation_id,
+            cohort=cohort,
+            model_version=predictor.version,
+            items=[
+                RecommendedItem(
+                    item_id=s.item_id,
+                    score=float(s.score),
+                    title=predictor.item_title(s.item_id),
+                )
+                for s in scored
+            ],
+        )
+
+
+def _recommend(
+    body: RecommendationRequest, state: ServingState
+) -> tuple[str, list[Scored]]:
+    """Pick the cohort and ask the model; raises 404/422 for unusable input."""
+    predictor = state.predictor
+    if body.user_id is not None and predictor.has_user(body.user_id):
+        return "warm", predictor.recommend_known(body.user_id, body.k)
+    if body.item_ids is None:
+        if body.user_id is not None:
+            raise HTTPException(
+                404,
+                f"unknown user {body.user_id}; send item_ids (and features) to get "
+                "cold-start recommendations for a new user",
+            )
+        raise _invalid(
+            [
+                (
+                    ("item_ids",),
+                    "send the user_id of a known user, or item_ids (and "
+                    "optionally features) for a new user",
+                    None,
+                )
+            ]
+        )
+    features = body.features or {}
+    errors = _cold_user_errors(state, features, body.item_ids, ())
+    if errors:
+        raise _invalid(errors)
+    cold = _to_cold_user(features, body.item_ids)
+    return "cold", predictor.recommend_cold(cold, body.k)
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse)
+def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
+    """Record impressions and clicks of a recommendation, each counted once."""
+    with _timed(state, "feedback"):
+        recommendation_id = str(body.recommendation_id)
+        stored = state.recommendations.get(recommendation_id)
+        if stored is None:
+            raise _unknown_recommendation(recommendation_id, state)
+        shown = stored.item_ids if body.impressions is None else body.impressions
+        _check_feedback(stored.item_ids, shown, body.clicks)
+        try:
+            outcome = state.recommendations.record(
+                recommendation_id, list(shown), body.clicks
+            )
+        except KeyError:
+            raise _unknown_recommendation(recommendation_id, state) from None
+        state.reporter.record_feedback(
+            stored.cohort, outcome.new_impressions, outcome.new_clicks
+        )
+        logger.debug("feedback for %s: %s", recommendation_id, outcome)
+        return FeedbackResponse(
+            recorded_impressions=outcome.new_impressions,
+            recorded_clicks=outcome.new_clicks,
+            duplicates=outcome.duplicates,
+        )
+
+
+def _unknown_recommendation(
+    recommendation_id: str, state: ServingState
+) -> HTTPException:
+    return HTTPException(
+        404,
+        f"unknown or expired recommendation_id {recommendation_id}; feedback is "
+        f"kept for the last {state.recommendations.capacity} recommendations",
+    )
+
+
+def _check_feedback(
+    recommended: tuple[int, ...], shown: tuple[int, ...] | list[int], clicks: list[int]
+) -> None:
+    """Feedback may only name recommended items, and clicks must be shown."""
+    errors: list[_Error] = []
+    not_recommended = sorted(set(shown) - set(recommended))
+    if not_recommended:
+        msg = f"impressions {not_recommended} were not in this recommendation"
+        errors.append((("impressions",), msg, not_recommended))
+    not_shown = sorted(set(clicks) - set(shown))
+    if not_shown:
+        label = "not in this recommendation"
+        if set(not_shown) <= set(recommended):
+            label = "not among the impressions"
+        msg = f"clicks {not_shown} were {label}"
+        errors.append((("clicks",), msg, not_shown))
+    if errors:
+        raise _invalid(errors)

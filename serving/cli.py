@@ -1,0 +1,67 @@
+"""Entry points the ``emarec`` command line wires up: serve and replay."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import uvicorn
+
+from serving.app import create_app
+from serving.config import ServingSettings
+from serving.replay import ReplaySummary, ReplayUser
+from serving.replay import replay as replay_users
+
+logger = logging.getLogger(__name__)
+
+UserLoader = Callable[[Path], Iterable[ReplayUser]]
+
+
+def serve(settings: ServingSettings | None = None) -> None:
+    """Serve the model with uvicorn until interrupted.
+
+    Args:
+        settings: serving settings; read from ``EMAREC_*`` when ``None``.
+    """
+    settings = settings or ServingSettings()
+    logger.info("serving on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info"
+    )
+
+
+def replay(
+    url: str,
+    data_dir: Path,
+    limit: int | None = None,
+    k: int = 10,
+    seed: int = 0,
+    *,
+    load_users: UserLoader,
+) -> ReplaySummary:
+    """Replay a seeded sample of held-out users against a running server.
+
+    Args:
+        url: base URL of the server.
+        data_dir: data split directory handed to ``load_users``.
+        limit: replay at most this many users; all when ``None``.
+        k: recommendations per user.
+        seed: seed of the shuffle that picks the users.
+        load_users: reads the users to replay from ``data_dir``.
+
+    Returns:
+        Impressions, clicks and CTR per cohort, and the error count.
+
+    Raises:
+        ValueError: ``limit`` is below 1.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    users = list(load_users(Path(data_dir)))
+    # Shuffle so a limited replay samples both cohorts, not the file's head.
+    random.Random(seed).shuffle(users)
+    users = users[:limit]
+    logger.info("replaying %d users from %s against %s", len(users), data_dir, url)
+    return replay_users(url, users, k=k)

@@ -1,0 +1,89 @@
+"""Settings for the serving process, read from ``EMAREC_*`` environment variables."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _default_tracking_uri() -> str:
+    """Falls back to MLflow's own variable so one export configures both."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or _DEFAULT_TRACKING_URI
+
+
+class ServingSettings(BaseSettings):
+    """How to find the model, where to listen and what to report.
+
+    Every field can be set as ``EMAREC_<FIELD>``, e.g. ``EMAREC_PORT=9000``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
+
+    tracking_uri: str = Field(default_factory=_default_tracking_uri)
+    model_name: str = "emarec"
+    model_alias: str = "champion"
+    model_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    report_interval_s: float = 30
+    serving_experiment: str = "emarec-serving"
+    max_batch: int = 256
+    max_history: int = 50
+    max_k: int = 100
+    recommendation_cache: int = 100_000
+
+    @field_validator(
+        "tracking_uri", "model_name", "model_alias", "host", "serving_experiment"
+    )
+    @classmethod
+    def _not_blank(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            env = f"EMAREC_{info.field_name.upper()}"
+            raise ValueError(f"{info.field_name} is empty; set {env} or unset it")
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _is_bundle_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(
+                f"model_dir {str(value)!r} is not a directory; point EMAREC_MODEL_DIR "
+                "at an exported bundle or unset it to load from the MLflow registry"
+            )
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(
+                f"port {value} is out of range; set EMAREC_PORT between 1 and 65535"
+            )
+        return value
+
+    @field_validator("report_interval_s")
+    @classmethod
+    def _positive_interval(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"report_interval_s must be a finite number > 0, got {value}; set "
+                "EMAREC_REPORT_INTERVAL_S to a positive number of seconds"
+            )
+        return value
+
+    @field_validator("max_batch", "max_history", "max_k", "recommendation_cache")
+    @classmethod
+    def _positive_limit(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            env = f"EMAREC_{info.field_name.upper()}"
+            raise ValueError(
+                f"{info.field_name} must be >= 1, got {value}; set {env} to a "
+                "positive integer"
+            )
+        return value

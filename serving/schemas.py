@@ -1,0 +1,125 @@
+"""Request and response bodies of the serving API.
+
+Limits that depend on settings (batch size, history length, ``k``) are checked
+by the handlers; the static ones (types, non-negative ids, non-empty lists)
+are declared here so they show in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Ids are looked up in numpy/torch int64 tables; larger ones could overflow.
+MAX_ID = 2**63 - 1
+
+Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
+Cohort = Literal["warm", "cold"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HealthResponse(BaseModel):
+    """The server is up and serving this model version."""
+
+    status: Literal["ok"] = "ok"
+    model_version: str
+
+
+class UserEmbeddingResponse(BaseModel):
+    """A known user's embedding from the EMA teacher."""
+
+    user_id: int
+    embedding: list[float]
+    model_version: str
+    source: Literal["ema_teacher"] = "ema_teacher"
+
+
+class ColdUserIn(_Body):
+    """A new user: side features and the items they have touched, oldest first."""
+
+    features: dict[str, str] = Field(
+        default_factory=dict,
+        description="Side features by name; missing ones count as unknown.",
+    )
+    item_ids: list[Id] = Field(
+        min_length=1, description="Items the user touched (1 to max_history)."
+    )
+
+
+class EmbeddingsRequest(_Body):
+    """New users to embed with the INT8 cold-start student (1 to max_batch)."""
+
+    users: list[ColdUserIn] = Field(min_length=1)
+
+
+class EmbeddingsResponse(BaseModel):
+    """One embedding per requested user, in request order."""
+
+    embeddings: list[list[float]]
+    model_version: str
+    source: Literal["student_int8"] = "student_int8"
+
+
+class RecommendationRequest(_Body):
+    """Who to recommend for: a known user_id, or features and item_ids."""
+
+    user_id: Id | None = Field(
+        None,
+        description=(
+            "A known user is served warm from the EMA teacher and any "
+            "features/item_ids are ignored; an unknown one needs item_ids."
+        ),
+    )
+    features: dict[str, str] | None = Field(
+        None, description="Side features of a new user."
+    )
+    item_ids: list[Id] | None = Field(
+        None,
+        min_length=1,
+        description="Items a new user touched, oldest first (1 to max_history).",
+    )
+    k: int = Field(10, strict=True, ge=1, description="Items wanted (1 to max_k).")
+
+
+class RecommendedItem(BaseModel):
+    """One recommended item, best first."""
+
+    item_id: int
+    score: float
+    title: str | None
+
+
+class RecommendationResponse(BaseModel):
+    """Recommended items; quote recommendation_id when sending feedback."""
+
+    recommendation_id: str
+    cohort: Cohort
+    model_version: str
+    items: list[RecommendedItem]
+
+
+class FeedbackRequest(_Body):
+    """What the user saw and clicked of one recommendation."""
+
+    recommendation_id: UUID
+    impressions: list[Id] | None = Field(
+        None,
+        min_length=1,
+        description="Items shown; null means every recommended item was shown.",
+    )
+    clicks: list[Id] = Field(
+        default_factory=list, description="Items clicked; each must be shown."
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """How much of the feedback was new; repeats are counted once."""
+
+    recorded_impressions: int
+    recorded_clicks: int
+    duplicates: int

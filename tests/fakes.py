@@ -1,0 +1,121 @@
+"""Small deterministic stand-ins for the model bundle and the MLflow client."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+
+from models.bundle import ColdUser, Scored
+
+
+class FakePredictor:
+    """A ``Predictor`` over random but seeded user and item vectors.
+
+    Users ``0..n_users-1`` are known and items ``0..n_items-1`` exist. User
+    ``u`` has seen items ``u % n_items`` and ``(3u + 1) % n_items``. Item 0 has
+    no title.
+    """
+
+    version = "7"
+    embedding_dim = 8
+    user_feature_names = ("gender", "age", "occupation")
+
+    def __init__(self, n_users: int = 20, n_items: int = 40, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.n_users, self.n_items = n_users, n_items
+        shape = (n_users, self.embedding_dim)
+        self.users = rng.standard_normal(shape).astype(np.float32)
+        self.items = rng.standard_normal((n_items, self.embedding_dim)).astype(
+            np.float32
+        )
+        self.features = {
+            name: rng.standard_normal(self.embedding_dim).astype(np.float32)
+            for name in self.user_feature_names
+        }
+        self.cold_calls: list[ColdUser] = []
+
+    def has_user(self, user_id: int) -> bool:
+        return 0 <= user_id < self.n_users
+
+    def has_item(self, item_id: int) -> bool:
+        return 0 <= item_id < self.n_items
+
+    def item_title(self, item_id: int) -> str | None:
+        return f"Item {item_id}" if item_id else None
+
+    def seen_items(self, user_id: int) -> frozenset[int]:
+        return frozenset({user_id % self.n_items, (3 * user_id + 1) % self.n_items})
+
+    def user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray:
+        return self.users[list(user_ids)]
+
+    def cold_embeddings(self, users: Sequence[ColdUser]) -> np.ndarray:
+        self.cold_calls.extend(users)
+        return np.stack([self._cold(user) for user in users])
+
+    def recommend_known(self, user_id: int, k: int) -> list[Scored]:
+        return self._top(self.users[user_id], self.seen_items(user_id), k)
+
+    def recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
+        self.cold_calls.append(user)
+        return self._top(self._cold(user), frozenset(user.item_ids), k)
+
+    def _cold(self, user: ColdUser) -> np.ndarray:
+        vector = self.items[list(user.item_ids)].mean(axis=0)
+        for name in user.features:
+            vector = vector + self.features[name]
+        return vector.astype(np.float32)
+
+    def _top(self, vector: np.ndarray, exclude: frozenset[int], k: int) -> list[Scored]:
+        scores = self.items @ vector
+        order = [int(i) for i in np.argsort(-scores, kind="stable") if i not in exclude]
+        return [Scored(i, float(scores[i])) for i in order[:k]]
+
+
+@dataclass
+class FakeMlflowClient:
+    """Records what a ``ServingReporter`` sends; ``fail`` makes every call raise."""
+
+    fail: bool = False
+    experiments: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, dict] = field(default_factory=dict)
+    batches: list[tuple[str, list]] = field(default_factory=list)
+    terminated: dict[str, str] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def _check(self) -> None:
+        if self.fail:
+            raise ConnectionError("tracking server unreachable")
+
+    def get_experiment_by_name(self, name: str):
+        self._check()
+        if name not in self.experiments:
+            return None
+        return SimpleNamespace(experiment_id=self.experiments[name])
+
+    def create_experiment(self, name: str) -> str:
+        self._check()
+        self.experiments[name] = f"exp-{next(self._ids)}"
+        return self.experiments[name]
+
+    def create_run(self, experiment_id: str, tags=None, run_name=None):
+        self._check()
+        run_id = f"run-{next(self._ids)}"
+        self.runs[run_id] = {"experiment_id": experiment_id, "tags": dict(tags or {})}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self._check()
+        self.batches.append((run_id, list(metrics)))
+
+    def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
+        self._check()
+        self.terminated[run_id] = status
+
+    def last_metrics(self) -> dict[str, float]:
+        """Metric values of the last logged batch."""
+        return {m.key: m.value for m in self.batches[-1][1]}
