@@ -9,7 +9,8 @@ Params (override with ``--conf`` or in the trigger form): ``data`` (a
 MovieLens-100K folder or a log file; else ``EMAREC_DATA`` or the default
 lookup), ``mapping``, ``work_root`` (default ``EMAREC_WORK_ROOT`` or
 ``runs``), ``tracking_uri`` (default ``MLFLOW_TRACKING_URI`` or
-``sqlite:///mlflow.db``), ``epochs``, ``max_steps``, ``student_epochs``.
+``sqlite:///mlflow.db``), ``experiment`` and ``model_name`` (both
+``emarec``), ``epochs``, ``max_steps``, ``student_epochs``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ PARAMS = {
     "mapping": Param(None, type=["null", "string"]),
     "work_root": Param(None, type=["null", "string"]),
     "tracking_uri": Param(None, type=["null", "string"]),
+    "experiment": Param("emarec", type="string"),
+    "model_name": Param("emarec", type="string"),
     "epochs": Param(None, type=["null", "integer"], minimum=1),
     "max_steps": Param(None, type=["null", "integer"], minimum=1),
     "student_epochs": Param(None, type=["null", "integer"], minimum=0),

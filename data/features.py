@@ -21,7 +21,7 @@ def age_bucket(value: str) -> str:
     """MovieLens' age groups; a value that is not a number is unknown."""
     try:
         age = int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         return UNKNOWN
     for upper, label in AGE_BUCKETS:
         if age < upper:

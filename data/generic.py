@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -106,7 +108,10 @@ def load_generic(path: Path, mapping: ColumnMapping) -> LoadedData:
         for name, value in zip(columns, parsed):
             columns[name].append(value)
         kept_rows.append(index)
-    kept = frame.iloc[kept_rows]
+    # Side features take each user's and item's latest value: by timestamp,
+    # not by file order (a log need not be sorted).
+    by_time = np.argsort(np.asarray(columns["timestamp"], np.int64), kind="stable")
+    kept = frame.iloc[np.asarray(kept_rows, np.int64)[by_time]]
     logger.info("read %s: %d kept, %d quarantined", path, len(kept), len(quarantine))
     return LoadedData(
         interactions=interactions_frame(columns),
@@ -171,7 +176,8 @@ def _as_float(value) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return None if number != number else number
+    # NaN and infinities are not values (int(inf) would raise OverflowError).
+    return number if math.isfinite(number) else None
 
 
 def _as_timestamp(value) -> int | None:

@@ -8,6 +8,7 @@ all and stops the load with an error naming the file and line.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -121,7 +122,9 @@ def _lines(path: Path, sep: str, n_fields: int, quarantine: Quarantine):
 
 def _int(value: str) -> int | None:
     value = value.strip()
-    if value.lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²" (Latin-1) and "--5",
+    # which int() then refuses with a ValueError instead of a quarantine.
+    if re.fullmatch(r"-?[0-9]+", value):
         return int(value)
     return None
 

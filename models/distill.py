@@ -47,7 +47,7 @@ def distillation_loss(
         ),
     }
     total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, {name: float(value) for name, value in terms.items()}
+    return total, {name: value.item() for name, value in terms.items()}
 
 
 def _attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,12 @@ from models.bundle import BUNDLE_FORMAT
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import eval_dir
 from pipeline.ingest import read_ingested
-from pipeline.pyfunc import EmarecPyfunc
 from pipeline.tracking import run_id, tracked_run
 from pipeline.train import model_dir
 
 logger = logging.getLogger(__name__)
 
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 BUNDLE_FILES = (
     "space.json", "ema_teacher.json", "ema_teacher.pt", "student_int8.json",
     "student_int8.pt", "quantize.json",
@@ -105,7 +105,7 @@ def run_register(config: PipelineConfig) -> dict:
     with tracked_run(config) as run:
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=EmarecPyfunc(),
+            python_model=str(PYFUNC_MODEL_FILE),
             artifacts={"bundle": str(bundle)},
             pip_requirements=["emarec"],
         )

@@ -20,6 +20,8 @@ def config_for_run(params: dict, run_id: str) -> PipelineConfig:
         "mapping": params.get("mapping"),
         "work_dir": root.resolve() / f"airflow-{safe_id}",
         "tracking_uri": params.get("tracking_uri"),
+        "experiment": params.get("experiment"),
+        "model_name": params.get("model_name"),
         "train": {k: params[k] for k in TRAIN_PARAMS if params.get(k) is not None},
     }
     return PipelineConfig.model_validate({k: v for k, v in raw.items() if v is not None})

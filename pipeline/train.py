@@ -120,7 +120,7 @@ class Trainer:
         self.ema.step(self.teacher)
         if self.ema.num_updates % self.config.sync_interval == 0:
             self.buffer.publish(self.ema.shadow, self.ema.num_updates)
-        return float(loss)
+        return loss.item()
 
     def student_step(self, batch: Batch) -> dict[str, float]:
         self.student.train()

@@ -4,7 +4,6 @@ import logging
 
 from pydantic import ValidationError
 
-from serving.cli import serve
 from serving.config import ServingSettings
 
 
@@ -21,6 +20,9 @@ def main() -> None:
         settings = ServingSettings()
     except ValidationError as exc:
         raise SystemExit(f"invalid serving settings:\n{exc}") from None
+    # Imported only now so bad settings fail fast, before torch and MLflow load.
+    from serving.cli import serve
+
     serve(settings)
 
 

@@ -1,13 +1,14 @@
 """The HTTP API: embeddings and recommendations for known and new users.
 
 Known (warm) users are served from the EMA teacher, new (cold) users from the
-INT8 student. Handlers are plain ``def`` functions so FastAPI runs the blocking
-model calls in its threadpool, off the event loop.
+INT8 student. Handlers that call the model are plain ``def`` functions, so
+FastAPI runs the blocking model calls in its threadpool, off the event loop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,7 +17,9 @@ from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from models.bundle import ColdUser, Predictor, Scored, load_bundle
@@ -95,7 +98,7 @@ def create_app(
     Returns:
         The FastAPI app; its state is ``app.state.serving`` while running.
     """
-    settings = settings or ServingSettings()
+    settings = ServingSettings() if settings is None else settings
     loader = predictor_loader or load_registered_model
     make_reporter = reporter_factory or ServingReporter.from_settings
 
@@ -120,13 +123,37 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     return app
+
+
+async def _validation_error(
+    request: Request, exc: RequestValidationError
+) -> JSONResponse:
+    """FastAPI's 422 body, made safe for inputs such as ``NaN``.
+
+    Python's JSON parser accepts ``NaN`` and ``Infinity``, and FastAPI's own
+    handler echoes the input back, which strict JSON cannot encode (a 500).
+    """
+    errors = _finite(jsonable_encoder(exc.errors()))
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
 
 
 router = APIRouter()
 
 
-def _state(request: Request) -> ServingState:
+async def _state(request: Request) -> ServingState:
+    # Async so resolving it never waits for a threadpool slot.
     return request.app.state.serving
 
 
@@ -185,8 +212,10 @@ def _check_max(field: str, value: int, limit: int, what: str) -> None:
         raise _invalid([((field,), msg, value)])
 
 
+# Async on purpose: it does no blocking work, and must answer even while the
+# threadpool is busy with model calls.
 @router.get("/healthz", response_model=HealthResponse)
-def healthz(state: State) -> HealthResponse:
+async def healthz(state: State) -> HealthResponse:
     """Liveness check naming the model version being served."""
     return HealthResponse(model_version=state.predictor.version)
 
@@ -246,7 +275,7 @@ def recommendations(
         _check_max("k", body.k, state.settings.max_k, "k")
         cohort, scored = _recommend(body, state)
         predictor = state.predictor
-        item_ids = [s.item_id for s in scored]
+        item_ids = [int(s.item_id) for s in scored]
         stored = state.recommendations.add(cohort, predictor.version, item_ids)
         logger.debug("%s recommendation %s", cohort, stored.recommendation_id)
         return RecommendationResponse(
@@ -255,11 +284,11 @@ def recommendations(
             model_version=predictor.version,
             items=[
                 RecommendedItem(
-                    item_id=s.item_id,
+                    item_id=item_id,
                     score=float(s.score),
-                    title=predictor.item_title(s.item_id),
+                    title=predictor.item_title(item_id),
                 )
-                for s in scored
+                for item_id, s in zip(item_ids, scored, strict=True)
             ],
         )
 

@@ -354,4 +354,4 @@ class ServingReporter:
 
 def _percentiles(values: list[float]) -> dict[int, float]:
     points = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES)
-    return {pct: float(point) for pct, point in zip(PERCENTILES, points)}
+    return {pct: float(point) for pct, point in zip(PERCENTILES, points, strict=True)}

@@ -88,13 +88,26 @@ def error_text(response) -> str:
 COLD = {"features": {"gender": "F", "age": "25"}, "item_ids": [3, 5, 8]}
 
 
-# Health and known-user embeddings.
+# Health, documentation and known-user embeddings.
 
 
 def test_healthz_names_model_version(client):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "model_version": "7"}
+
+
+def test_openapi_documents_every_route_with_schemas(client):
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) == {
+        "/healthz",
+        "/v1/users/{user_id}/embedding",
+        "/v1/embeddings",
+        "/v1/recommendations",
+        "/v1/feedback",
+    }
+    feedback = schema["components"]["schemas"]["FeedbackRequest"]
+    assert feedback["description"].startswith("What the user saw and clicked")
 
 
 def test_known_user_embedding_comes_from_teacher(client, predictor):
@@ -172,9 +185,7 @@ def test_history_above_max_history_is_422(predictor, mlflow_client):
         user = {"item_ids": [1, 2, 3, 4]}
         response = client.post("/v1/embeddings", json={"users": [user]})
         assert "at most 3" in error_text(response)
-        response = client.post(
-            "/v1/recommendations", json={"item_ids": [1, 2, 3, 4]}
-        )
+        response = client.post("/v1/recommendations", json={"item_ids": [1, 2, 3, 4]})
         assert "at most 3" in error_text(response)
 
 
@@ -215,9 +226,7 @@ def test_known_user_gets_warm_recommendations_without_seen_items(client, predict
     assert all(i["title"] == f"Item {i['item_id']}" or i["item_id"] == 0 for i in items)
 
 
-def test_new_user_gets_cold_recommendations_without_onboarding_items(
-    client, predictor
-):
+def test_new_user_gets_cold_recommendations_without_onboarding_items(client, predictor):
     body = recommend(client, **COLD, k=10)
     assert body["cohort"] == "cold"
     assert len(body["items"]) == 10
@@ -282,7 +291,10 @@ def test_invalid_recommendation_body_is_422(client, body):
 @pytest.mark.parametrize(
     "path", ["/v1/recommendations", "/v1/embeddings", "/v1/feedback"]
 )
-@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b'{"k": 1'])
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"", b"\xff\xfe", b'{"k": 1', b'{"k": NaN, "clicks": Infinity}'],
+)
 def test_malformed_json_is_4xx_not_500(client, path, content):
     headers = {"content-type": "application/json"}
     response = client.post(path, content=content, headers=headers)
@@ -539,17 +551,18 @@ def test_missing_bundle_json_is_a_clear_error(tmp_path):
         find_bundle_dir(tmp_path)
 
 
-@pytest.fixture
-def sqlite_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory) -> str:
+    """One SQLite registry for the module: creating its schema takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
 
 
 def test_missing_champion_says_to_run_pipeline(sqlite_uri):
-    settings = ServingSettings(tracking_uri=sqlite_uri)
+    settings = ServingSettings(tracking_uri=sqlite_uri, model_name="unregistered")
     with pytest.raises(RuntimeError, match="emarec run"):
         resolve_model(settings)
     client = mlflow.MlflowClient(sqlite_uri)
-    client.create_registered_model("emarec")
+    client.create_registered_model("unregistered")
     with pytest.raises(RuntimeError, match="no champion"):
         resolve_model(settings)
 

@@ -1,0 +1,428 @@
+"""models.network, distill, quantize and store on a small synthetic catalogue."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.features import FeatureSpace
+from models.distill import DistillWeights, distillation_loss
+from models.network import Batch, NetworkConfig, Output, RecNetwork
+from models.quantize import (
+    embedding_bytes,
+    quantize_dense,
+    quantize_student,
+    quantize_tables,
+)
+from models.store import load_network, save_network
+
+D, L, B = 8, 5, 6
+
+
+@pytest.fixture(scope="module")
+def space() -> FeatureSpace:
+    users = pd.DataFrame(
+        {
+            "user_id": [1, 2, 3, 4, 6, 7],
+            "age": ["17", "30", "45", "60", "22", "33"],
+            "gender": ["M", "F", "M", "F", "F", "M"],
+            "zip": ["12345", "T8H1N", "55555", "02139", "91234", "T0A"],
+        }
+    )
+    genres = ["drama", "comedy", "horror", "war"]
+    items = pd.DataFrame(
+        {
+            "item_id": range(101, 121),
+            "title": [f"film {i}" for i in range(20)],
+            "genres": [
+                [genres[i % 4]] + [genres[(i + 1) % 4]] * (i % 2) for i in range(20)
+            ],
+        }
+    )
+    items.at[3, "genres"] = []  # an item with no genre at all
+    features = {"age": "age_bucket", "gender": "categorical", "zip": "zip_prefix"}
+    return FeatureSpace.build(users, items, features, ["genres"], [1, 2, 3, 4, 6, 7])
+
+
+def make_network(space: FeatureSpace, use_user_id: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    config = NetworkConfig.from_space(
+        space, use_user_id, embedding_dim=D, hidden_dim=16
+    )
+    model = RecNetwork(config, space.item_tokens).eval()
+    # Trained-looking tables: TorchRec's default init is tiny and would hide
+    # quantization error.
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if "embedding_bags" in name:
+                tensor.normal_(0.0, 0.5)
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def teacher(space):
+    return make_network(space, use_user_id=True)
+
+
+@pytest.fixture(scope="module")
+def student(space):
+    return make_network(space, use_user_id=False, seed=1)
+
+
+def make_batch(space: FeatureSpace, seed: int = 0, size: int = B) -> Batch:
+    """Random users; the last one has no history, the first a full one."""
+    rng = np.random.default_rng(seed)
+    n_features = len(space.user_features)
+    vocab = [len(v) + 1 for v in space.user_vocab.values()]
+    lengths = rng.integers(1, L + 1, size=size)
+    lengths[0], lengths[-1] = L, 0
+    history = rng.integers(1, space.num_items, size=(size, L))
+    history[np.arange(L)[None, :] >= lengths[:, None]] = 0
+    feats = np.stack(
+        [rng.integers(0, vocab[f], size=size) for f in range(n_features)], 1
+    )
+    return Batch(
+        user_idx=torch.from_numpy(rng.integers(0, len(space.user_ids) + 1, size=size)),
+        user_feats=torch.from_numpy(feats),
+        item_idx=torch.from_numpy(rng.integers(1, space.num_items, size=size)),
+        history=torch.from_numpy(history),
+        history_len=torch.from_numpy(lengths),
+        label=torch.from_numpy(rng.integers(0, 2, size=size).astype(np.float32)),
+    )
+
+
+# --- forward ----------------------------------------------------------------------
+
+
+def test_forward_shapes(space, teacher) -> None:
+    model, _ = teacher
+    out = model(make_batch(space))
+    assert out.logit.shape == (B,)
+    assert out.user_embedding.shape == (B, D)
+    assert out.attention.shape == (B, L)
+
+
+def test_attention_sums_to_1_with_history_and_0_without(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=2)
+    with torch.no_grad():
+        out = model(batch)
+    sums = out.attention.sum(-1)
+    for row, n in enumerate(batch.history_len.tolist()):
+        if n:
+            assert sums[row].item() == pytest.approx(1.0, abs=1e-6), row
+            assert (out.attention[row, :n] > 0).all()
+        else:
+            assert sums[row].item() == 0.0
+        assert (out.attention[row, n:] == 0).all(), "no weight past the history"
+    for tensor in (out.logit, out.user_embedding, out.attention):
+        assert torch.isfinite(tensor).all()
+
+
+def test_user_without_history_trains_without_nan(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=3)
+    batch.history_len[:] = 0
+    batch.history[:] = 0
+    model.zero_grad()
+    out = model(batch)
+    F.binary_cross_entropy_with_logits(out.logit, batch.label).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.zero_grad()
+
+
+def test_padding_entries_do_not_change_the_output(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=4)
+    other = dataclasses.replace(batch, history=batch.history.clone())
+    mask = torch.arange(L)[None, :] >= batch.history_len[:, None]
+    other.history[mask] = 7  # garbage past each history's length
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    torch.testing.assert_close(a.logit, b.logit, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.user_embedding, b.user_embedding, atol=1e-6, rtol=0)
+
+
+def test_score_candidates_matches_forward(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=5)
+    candidates = torch.arange(1, space.num_items)
+    with torch.no_grad():
+        scores = model.score_candidates(batch, candidates)
+        assert scores.shape == (B, len(candidates))
+        for column, item in enumerate(candidates.tolist()):
+            single = dataclasses.replace(batch, item_idx=torch.full((B,), item))
+            expected = model(single).logit
+            torch.testing.assert_close(
+                scores[:, column], expected, atol=1e-5, rtol=0, msg=f"item {item}"
+            )
+
+
+def test_teacher_has_a_user_id_table_the_student_lacks(space, teacher, student) -> None:
+    t_state, s_state = teacher[0].state_dict(), student[0].state_dict()
+    id_keys = [k for k in t_state if "t_user_id" in k]
+    assert id_keys, "the teacher embeds user ids"
+    assert t_state[id_keys[0]].shape == (len(space.user_ids) + 1, D)
+    assert not [k for k in s_state if "t_user_id" in k]
+    assert student[1].use_user_id is False
+
+
+def test_student_ignores_user_ids_and_teacher_does_not(space, teacher, student) -> None:
+    batch = make_batch(space, seed=6)
+    other = dataclasses.replace(batch, user_idx=(batch.user_idx + 1) % 7)
+    with torch.no_grad():
+        s_a, s_b = student[0](batch), student[0](other)
+        t_a, t_b = teacher[0](batch), teacher[0](other)
+    assert torch.equal(s_a.logit, s_b.logit)
+    assert not torch.allclose(t_a.user_embedding, t_b.user_embedding)
+
+
+def test_item_vectors_keep_the_index_shape(space, teacher) -> None:
+    model, _ = teacher
+    index = torch.tensor([[1, 4], [3, 2]])  # item index 4 has no genre
+    with torch.no_grad():
+        vectors = model.item_vectors(index)
+        one_by_one = [model.item_vectors(torch.tensor([i]))[0] for i in index.flatten()]
+    assert vectors.shape == (2, 2, D)
+    torch.testing.assert_close(
+        vectors.reshape(-1, D), torch.stack(one_by_one), atol=1e-6, rtol=0
+    )
+
+
+def test_item_vectors_use_each_items_own_genres(space, teacher) -> None:
+    model = copy.deepcopy(teacher[0])
+    items = torch.arange(1, space.num_items)
+    token = 2
+    has_token = [token in tokens for tokens in space.item_tokens["genres"]]
+    assert any(has_token) and not all(has_token)
+    with torch.no_grad():
+        before = model.item_vectors(items)
+        model.item_tables.embedding_bags["t_genres"].weight[token] += 1.0
+        after = model.item_vectors(items)
+    changed = (after - before).abs().amax(-1) > 1e-4
+    assert changed.tolist() == has_token
+
+
+# --- distillation --------------------------------------------------------------------
+
+
+def hand_terms(student: Output, teacher: Output, label: torch.Tensor) -> dict:
+    """The four terms, written out from their definitions."""
+    p = torch.sigmoid(student.logit)
+    q = torch.sigmoid(teacher.logit)
+    rows = teacher.attention.sum(-1) > 0
+    t, s = teacher.attention[rows], student.attention[rows]
+    kl = torch.where(t > 0, t * (t / s.clamp(min=1e-30)).log(), torch.zeros_like(t))
+
+    def bce(target: torch.Tensor) -> float:
+        return -(target * p.log() + (1 - target) * (1 - p).log()).mean().item()
+
+    return {
+        "label": bce(label),
+        "embedding": ((student.user_embedding - teacher.user_embedding) ** 2)
+        .mean()
+        .item(),
+        "attention": kl.sum(-1).mean().item(),
+        "click": bce(q),
+    }
+
+
+@pytest.fixture(scope="module")
+def outputs(space, teacher, student):
+    batch = make_batch(space, seed=7)
+    with torch.no_grad():
+        return student[0](batch), teacher[0](batch), batch.label
+
+
+def test_distillation_terms_match_their_definitions(outputs) -> None:
+    s, t, label = outputs
+    total, terms = distillation_loss(s, t, label)
+    expected = hand_terms(s, t, label)
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert terms[name] == pytest.approx(value, abs=1e-4), name
+    assert terms["attention"] > 0.0 and terms["embedding"] > 0.0
+    assert total.item() == pytest.approx(sum(expected.values()), abs=1e-4)
+
+
+def test_identical_outputs_have_no_embedding_or_attention_loss(outputs) -> None:
+    _, t, label = outputs
+    _, terms = distillation_loss(t, t, label)
+    assert terms["embedding"] == pytest.approx(0.0, abs=1e-9)
+    assert terms["attention"] == pytest.approx(0.0, abs=1e-6)
+    # The click term is then the teacher's own entropy: positive, not zero.
+    assert terms["click"] > 0
+
+
+@pytest.mark.parametrize("off", ["label", "embedding", "attention", "click"])
+def test_each_weight_switches_its_term_off(outputs, off: str) -> None:
+    s, t, label = outputs
+    weights = DistillWeights(**{off: 0.0})
+    total, terms = distillation_loss(s, t, label, weights)
+    assert total.item() == pytest.approx(
+        sum(v for k, v in terms.items() if k != off), abs=1e-5
+    )
+    assert terms[off] > 0, "the term is still reported"
+
+
+def test_weights_scale_their_terms(outputs) -> None:
+    s, t, label = outputs
+    weights = DistillWeights(label=0.5, embedding=2.0, attention=0.0, click=3.0)
+    total, terms = distillation_loss(s, t, label, weights)
+    expected = 0.5 * terms["label"] + 2.0 * terms["embedding"] + 3.0 * terms["click"]
+    assert total.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_attention_term_skips_rows_without_history(outputs) -> None:
+    s, t, label = outputs
+    empty = Output(t.logit, t.user_embedding, torch.zeros_like(t.attention))
+    _, terms = distillation_loss(s, empty, label)
+    assert terms["attention"] == 0.0
+    total, _ = distillation_loss(
+        s, empty, label, DistillWeights(label=0, embedding=0, click=0)
+    )
+    assert total.item() == 0.0
+
+
+def test_switched_off_term_sends_no_gradient(space, student, teacher) -> None:
+    model, _ = student
+    batch = make_batch(space, seed=8)
+    with torch.no_grad():
+        t = teacher[0](batch)
+    model.zero_grad()
+    weights = DistillWeights(label=0, embedding=0, attention=0, click=0)
+    total, _ = distillation_loss(model(batch), t, batch.label, weights)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all((g == 0).all() for g in grads)
+    model.zero_grad()
+
+
+# --- INT8 ----------------------------------------------------------------------------
+
+# Row-wise INT8 keeps each element within (max - min) / 255 / 2 of its value,
+# about 0.004 for these N(0, 0.5) rows of 8. Measured through the towers the
+# outputs move by at most ~0.003; 0.01 leaves room for other seeds.
+QUANT_ATOL = 0.01
+
+
+def test_quantized_tables_are_uint8(student) -> None:
+    quantized = quantize_tables(student[0])
+    tables = {
+        k: v for k, v in quantized.state_dict().items() if "embedding_bags" in k
+    }
+    assert tables
+    assert all(v.dtype == torch.uint8 for v in tables.values()), {
+        k: v.dtype for k, v in tables.items()
+    }
+    float_tables = [k for k in student[0].state_dict() if "embedding_bags" in k]
+    assert student[0].state_dict()[float_tables[0]].dtype == torch.float32, (
+        "the float model is left alone"
+    )
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_quantized_outputs_are_close_to_float(space, request, which: str) -> None:
+    model, _ = request.getfixturevalue(which)
+    quantized = quantize_tables(model)
+    batch = make_batch(space, seed=9, size=32)
+    with torch.no_grad():
+        a, b = model(batch), quantized(batch)
+        scores_a = model.score_candidates(batch, torch.arange(1, space.num_items))
+        scores_b = quantized.score_candidates(batch, torch.arange(1, space.num_items))
+    torch.testing.assert_close(b.logit, a.logit, atol=QUANT_ATOL, rtol=0)
+    torch.testing.assert_close(
+        b.user_embedding, a.user_embedding, atol=QUANT_ATOL, rtol=0
+    )
+    torch.testing.assert_close(b.attention, a.attention, atol=QUANT_ATOL, rtol=0)
+    torch.testing.assert_close(scores_b, scores_a, atol=QUANT_ATOL, rtol=0)
+    assert not torch.equal(b.logit, a.logit), "quantization should change something"
+
+
+def test_quantization_shrinks_the_tables(student) -> None:
+    model = student[0]
+    before = embedding_bytes(model)
+    after = embedding_bytes(quantize_tables(model))
+    state = model.state_dict()
+    rows = sum(v.shape[0] for k, v in state.items() if "embedding_bags" in k)
+    assert before == rows * D * 4
+    # One byte per element, plus at most 16 for each row's scale, offset and padding.
+    assert after <= rows * (D + 16), (before, after)
+    assert after < before, (before, after)
+
+
+def test_quantize_student_records_its_choice(space, student) -> None:
+    batch = make_batch(space, seed=10)
+    candidates = torch.arange(1, space.num_items)
+    never, info = quantize_student(student[0], batch, candidates, dense="never")
+    assert info == {"embedding_tables": "int8 row-wise", "dense": "float32"}
+    always, info = quantize_student(student[0], batch, candidates, dense="always")
+    assert info["dense"] == "int8 dynamic"
+    _, info = quantize_student(student[0], batch, candidates, dense="auto")
+    assert info["dense"] in ("float32", "int8 dynamic")
+    assert info["dense_float_ms"] > 0 and info["dense_int8_ms"] > 0
+    with pytest.raises(ValueError, match="dense"):
+        quantize_student(student[0], batch, candidates, dense="sometimes")
+
+
+# --- store ----------------------------------------------------------------------------
+
+
+def outputs_of(model, batch):
+    with torch.no_grad():
+        out = model(batch)
+        scores = model.score_candidates(batch, torch.arange(1, 21))
+    return out, scores
+
+
+def assert_same(a, b) -> None:
+    (out_a, scores_a), (out_b, scores_b) = a, b
+    assert torch.equal(out_a.logit, out_b.logit)
+    assert torch.equal(out_a.user_embedding, out_b.user_embedding)
+    assert torch.equal(out_a.attention, out_b.attention)
+    assert torch.equal(scores_a, scores_b)
+
+
+def test_float_network_round_trips(space, teacher, tmp_path: Path) -> None:
+    model, config = teacher
+    save_network(model, config, tmp_path, "teacher")
+    loaded = load_network(tmp_path, "teacher", space)
+    assert not loaded.training
+    assert loaded.config == config
+    batch = make_batch(space, seed=11)
+    assert_same(outputs_of(loaded, batch), outputs_of(model, batch))
+
+
+@pytest.mark.parametrize("dense", ["never", "always"])
+def test_int8_network_round_trips(space, student, tmp_path: Path, dense: str) -> None:
+    model, config = student
+    batch = make_batch(space, seed=12)
+    quantized, info = quantize_student(model, batch, torch.arange(1, 21), dense=dense)
+    save_network(quantized, config, tmp_path, "student", quantized=info)
+    loaded = load_network(tmp_path, "student", space)
+    state = loaded.state_dict()
+    assert any(v.dtype == torch.uint8 for v in state.values() if torch.is_tensor(v))
+    assert_same(outputs_of(loaded, batch), outputs_of(quantized, batch))
+
+
+def test_loading_a_missing_network_names_the_file(space, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        load_network(tmp_path, "nothing", space)
+
+
+def test_dense_quantization_keeps_scores_close(space, student) -> None:
+    model = quantize_tables(student[0])
+    both = quantize_dense(model)
+    batch = make_batch(space, seed=13, size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            both(batch).logit, model(batch).logit, atol=0.1, rtol=0
+        )

@@ -1,0 +1,145 @@
+"""The batch pipeline end to end on MovieLens-100K, against a real ``mlflow server``.
+
+The run is short (few steps) so the suite stays fast; what is checked is that
+every part is real and wired: Parquet out of ingest, curves with steps, the
+``{model}/{cohort}/{metric}`` names, artifacts, the registry, the alias and its
+gate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.run import run_pipeline, run_step
+
+EXPERIMENT = "e2e-pipeline"
+MODEL = "emarec-e2e"
+SHORT = TrainConfig(epochs=1, max_steps=40, student_epochs=0, batch_size=256)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(mlflow_server, ml100k_dir, tmp_path_factory):
+    config = PipelineConfig(
+        data=ml100k_dir,
+        work_dir=tmp_path_factory.mktemp("e2e") / "run",
+        tracking_uri=mlflow_server.uri,
+        experiment=EXPERIMENT,
+        model_name=MODEL,
+        train=SHORT,
+    )
+    return config, run_pipeline(config)
+
+
+def test_ingest_writes_parquet_and_accounts_for_every_row(pipeline_run):
+    config, results = pipeline_run
+    ingest = results["ingest"]
+    assert ingest["rows_in"] == ingest["rows_kept"] + ingest["rows_quarantined"]
+    assert ingest["rows_kept"] == 100_000
+    frame = pd.read_parquet(config.work_dir / "ingest" / "interactions.parquet")
+    assert len(frame) == 100_000
+    assert str(frame.dtypes["user_id"]) == "int64"
+    assert frame["click"].isin([0, 1]).all()
+
+
+def test_training_curves_are_logged_with_steps(pipeline_run):
+    config, _ = pipeline_run
+    client = MlflowClient(config.tracking_uri)
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    history = client.get_metric_history(run_id, "train/teacher_loss")
+    steps = [m.step for m in history]
+    assert len(steps) >= 3 and steps == sorted(steps) and len(set(steps)) == len(steps)
+    distill = client.get_metric_history(run_id, "distill/embedding")
+    assert distill, "the student's distillation terms must be logged"
+    run = client.get_run(run_id)
+    assert run.data.params["train.distill_interval"] == "10"
+    assert run.data.params["train.ema_decay"] == "0.995"
+
+
+def test_metrics_cover_every_model_and_cohort(pipeline_run):
+    config, results = pipeline_run
+    client = MlflowClient(config.tracking_uri)
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    logged = client.get_run(run_id).data.metrics
+    for model in ("popularity", "online_teacher", "ema_teacher", "student", "student_int8"):
+        for cohort in ("cold", "warm"):
+            for metric in ("auc", "log_loss", "recall_at_10", "ndcg_at_10"):
+                name = f"{model}/{cohort}/{metric}"
+                assert name in logged, name
+                assert logged[name] == pytest.approx(results["evaluate"][name])
+    # Popularity is deterministic on this split: a check on the metric code.
+    assert logged["popularity/cold/recall_at_10"] == pytest.approx(0.337, abs=5e-4)
+    assert logged["popularity/warm/auc"] == pytest.approx(0.703, abs=5e-4)
+
+
+def test_quality_table_and_plots_are_artifacts(pipeline_run):
+    config, _ = pipeline_run
+    client = MlflowClient(config.tracking_uri)
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    names = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/quality.md", "eval/quality.png", "eval/training_curves.png"} <= names
+    local = Path(client.download_artifacts(run_id, "eval/quality.md"))
+    assert "student_int8" in local.read_text()
+
+
+def test_first_version_becomes_champion(pipeline_run):
+    config, results = pipeline_run
+    client = MlflowClient(config.tracking_uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == str(results["register"]["version"])
+    assert results["register"]["promoted"] is True
+    cold = results["evaluate"]["student_int8/cold/recall_at_10"]
+    assert float(champion.tags["gate.cold_recall"]) == pytest.approx(cold)
+
+
+def test_worse_candidate_is_registered_but_not_promoted(pipeline_run, tmp_path):
+    config, results = pipeline_run
+    work_dir = tmp_path / "worse"
+    shutil.copytree(config.work_dir, work_dir)
+    metrics_path = work_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["student_int8/cold/recall_at_10"] -= 0.05
+    metrics_path.write_text(json.dumps(metrics))
+    (work_dir / "run.json").unlink()  # a run of its own
+
+    outcome = run_step("register", config.model_copy(update={"work_dir": work_dir}))
+
+    client = MlflowClient(config.tracking_uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert outcome["promoted"] is False
+    assert int(outcome["version"]) > int(results["register"]["version"])
+    assert champion.version == str(results["register"]["version"])
+
+
+def test_registered_model_loads_as_pyfunc(pipeline_run):
+    import mlflow.pyfunc
+
+    config, _ = pipeline_run
+    mlflow.set_tracking_uri(config.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    users = pd.read_parquet(config.work_dir / "bundle" / "users.parquet")
+    known = int(users.user_id.iloc[0])
+    out = model.predict(pd.DataFrame({"user_id": [known, 5]}))
+    assert out.shape == (2, config.train.embedding_dim)
+    assert out.iloc[0].notna().all(), "a known user gets an embedding"
+    assert out.iloc[1].isna().all(), "user 5 is cold: no id embedding, NaN row"
+
+
+def test_cli_rejects_unknown_config_keys(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"train": {"epochz": 3}}))
+    assert main(["run", "--config", str(bad), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_data_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["ingest", "--data", str(missing), "--work-dir", str(tmp_path / "w")]) == 2
+    assert str(missing) in capsys.readouterr().err

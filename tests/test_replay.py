@@ -1,0 +1,170 @@
+"""Replay against a real uvicorn server (in a thread) serving the fake model."""
+
+from __future__ import annotations
+
+import os
+
+# MLflow's usage telemetry would call out of the machine; tests stay local.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from models.bundle import ColdUser  # noqa: E402
+from serving.app import LoadedModel, create_app  # noqa: E402
+from serving.cli import replay as replay_from_data  # noqa: E402
+from serving.config import ServingSettings  # noqa: E402
+from serving.replay import ReplayUser, replay  # noqa: E402
+from serving.reporter import ServingReporter  # noqa: E402
+from tests.fakes import FakeMlflowClient, FakePredictor  # noqa: E402
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+    predictor: FakePredictor
+    mlflow_client: FakeMlflowClient
+
+    @property
+    def reporter(self) -> ServingReporter:
+        return self.app.state.serving.reporter
+
+
+@pytest.fixture
+def live_server() -> Iterator[LiveServer]:
+    """``create_app`` with the fake model under uvicorn on a free loopback port."""
+    predictor, mlflow_client = FakePredictor(), FakeMlflowClient()
+    settings = ServingSettings(tracking_uri="fake://tracking", report_interval_s=3600)
+
+    def reporter(settings, version, run_id):
+        return ServingReporter(
+            tracking_uri=settings.tracking_uri,
+            experiment=settings.serving_experiment,
+            model_name=settings.model_name,
+            model_version=version,
+            model_run_id=run_id,
+            interval_s=settings.report_interval_s,
+            client=mlflow_client,
+        )
+
+    app = create_app(
+        settings, lambda _: LoadedModel(predictor, "train"), reporter_factory=reporter
+    )
+    # Binding the socket here avoids the race of probing a port and rebinding.
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited during startup"
+            assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
+            time.sleep(0.02)
+        yield LiveServer(f"http://127.0.0.1:{port}", app, predictor, mlflow_client)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+def warm_user(predictor: FakePredictor, user_id: int, hits: int) -> ReplayUser:
+    """A known user whose test clicks include the first ``hits`` of its top 5."""
+    top = [s.item_id for s in predictor.recommend_known(user_id, 5)]
+    return ReplayUser(user_id, "warm", test_clicks=set(top[:hits]) | {10_000})
+
+
+def cold_user(predictor: FakePredictor, item_ids: list[int], hits: int) -> ReplayUser:
+    """A new user whose test clicks include the first ``hits`` of its top 5."""
+    features = {"gender": "M", "occupation": "writer"}
+    top = predictor.recommend_cold(ColdUser(features, tuple(item_ids)), 5)
+    clicks = {s.item_id for s in top[:hits]}
+    return ReplayUser(1_000, "cold", features, item_ids, clicks)
+
+
+def test_replay_counts_impressions_and_clicks_per_cohort(live_server):
+    predictor = live_server.predictor
+    users = [
+        warm_user(predictor, 1, hits=2),
+        warm_user(predictor, 2, hits=0),
+        cold_user(predictor, [3, 4], hits=1),
+        cold_user(predictor, [7], hits=3),
+    ]
+
+    summary = replay(live_server.url, users, k=5)
+
+    assert summary.errors == 0
+    warm, cold = summary.cohorts["warm"], summary.cohorts["cold"]
+    assert (warm.users, warm.impressions, warm.clicks) == (2, 10, 2)
+    assert (cold.users, cold.impressions, cold.clicks) == (2, 10, 4)
+    assert warm.ctr == pytest.approx(0.2) and cold.ctr == pytest.approx(0.4)
+    assert summary.ctr == pytest.approx(6 / 20)
+    # The server counted the same feedback the client sent.
+    counts = live_server.reporter.snapshot()
+    assert counts.impressions == {"warm": 10, "cold": 10}
+    assert counts.clicks == {"warm": 2, "cold": 4}
+    assert counts.requests["recommendations"] == 4
+    assert counts.requests["feedback"] == 4
+
+
+def test_cold_replay_sends_features_and_items_without_user_id(live_server):
+    predictor = live_server.predictor
+    replay(live_server.url, [cold_user(predictor, [5, 6], hits=0)], k=3)
+    sent = predictor.cold_calls[-1]
+    assert sent.features == {"gender": "M", "occupation": "writer"}
+    assert sent.item_ids == (5, 6)
+    assert live_server.reporter.snapshot().impressions["cold"] == 3
+
+
+def test_failed_requests_are_counted_not_raised(live_server):
+    predictor = live_server.predictor
+    users = [
+        ReplayUser(999, "warm"),  # unknown user: 404
+        ReplayUser(5, "cold", {"shoe_size": "44"}, [1]),  # unknown feature: 422
+        warm_user(predictor, 3, hits=1),
+    ]
+    summary = replay(live_server.url, users, k=4)
+    assert summary.errors == 2
+    assert summary.cohorts["warm"].users == 1
+    assert summary.cohorts["warm"].clicks == 1
+    assert summary.cohorts["cold"].impressions == 0
+
+
+def test_unreachable_server_counts_every_user_as_error():
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+    users = [ReplayUser(1, "warm"), ReplayUser(2, "warm")]
+    summary = replay(f"http://127.0.0.1:{port}", users, timeout_s=2)
+    assert summary.errors == 2
+    assert summary.impressions == 0 and summary.ctr == 0
+
+
+def test_cli_replay_samples_limit_users_with_seed(live_server, tmp_path):
+    predictor = live_server.predictor
+    users = [warm_user(predictor, i, hits=1) for i in range(10)]
+    seen_dirs = []
+
+    def load_users(data_dir):
+        seen_dirs.append(data_dir)
+        return users
+
+    summary = replay_from_data(
+        live_server.url, tmp_path, limit=4, k=2, seed=3, load_users=load_users
+    )
+    assert seen_dirs == [tmp_path]
+    assert summary.cohorts["warm"].users == 4
+    assert summary.cohorts["warm"].impressions == 8
+    assert live_server.reporter.snapshot().requests["recommendations"] == 4
+    with pytest.raises(ValueError, match="limit"):
+        replay_from_data(live_server.url, tmp_path, limit=0, load_users=load_users)
