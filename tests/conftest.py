@@ -135,3 +135,24 @@ def tmp_airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AIRFLOW_HOME", str(home))
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     return home
+
+
+E2E_MODEL = "emarec-e2e"
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(mlflow_server, ml100k_dir, tmp_path_factory):
+    """One short but complete pipeline run on MovieLens-100K, registered in the
+    session's MLflow server as ``emarec-e2e``; returns (config, results)."""
+    from pipeline.config import PipelineConfig, TrainConfig
+    from pipeline.run import run_pipeline
+
+    config = PipelineConfig(
+        data=ml100k_dir,
+        work_dir=tmp_path_factory.mktemp("e2e") / "run",
+        tracking_uri=mlflow_server.uri,
+        experiment="e2e-pipeline",
+        model_name=E2E_MODEL,
+        train=TrainConfig(epochs=1, max_steps=40, student_epochs=0, batch_size=256),
+    )
+    return config, run_pipeline(config)

@@ -65,7 +65,7 @@ def test_shared_copy_is_used_when_nothing_is_given(
     assert resolve_data(None) == shared
 
 
-def test_default_shared_copy_is_the_one_beside_the_checkout(ml100k_dir: Path) -> None:
+def test_default_shared_copy_is_the_one_beside_the_checkout() -> None:
     expected = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
     assert locate.SHARED_COPY == expected
     if expected.is_dir():

@@ -17,25 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.run import run_pipeline, run_step
+from pipeline.run import run_step
 
-EXPERIMENT = "e2e-pipeline"
-MODEL = "emarec-e2e"
-SHORT = TrainConfig(epochs=1, max_steps=40, student_epochs=0, batch_size=256)
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(mlflow_server, ml100k_dir, tmp_path_factory):
-    config = PipelineConfig(
-        data=ml100k_dir,
-        work_dir=tmp_path_factory.mktemp("e2e") / "run",
-        tracking_uri=mlflow_server.uri,
-        experiment=EXPERIMENT,
-        model_name=MODEL,
-        train=SHORT,
-    )
-    return config, run_pipeline(config)
+from tests.conftest import E2E_MODEL as MODEL
 
 
 def test_ingest_writes_parquet_and_accounts_for_every_row(pipeline_run):
