@@ -31,6 +31,7 @@ class Examples:
         history: ``[N, L]`` item indices, left-aligned, 0 past ``history_len``.
         history_len: ``[N]`` valid history entries.
         label: click (1) or not (0), float32.
+        rated: 1 for a logged interaction, 0 for a sampled unseen item.
     """
 
     user_id: np.ndarray
@@ -40,6 +41,7 @@ class Examples:
     history: np.ndarray
     history_len: np.ndarray
     label: np.ndarray
+    rated: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
@@ -101,6 +103,7 @@ def build_examples(
         history=history.astype(np.int64),
         history_len=length.astype(np.int64),
         label=events["click"].to_numpy().astype(np.float32),
+        rated=np.ones(len(events), np.float32),
     )
 
 
@@ -111,7 +114,7 @@ def sample_negatives(
     per_example: int,
     rng: np.random.Generator,
 ) -> Examples:
-    """Pairs each example with unseen items as non-clicks, sharing its history.
+    """Pairs each example with unseen items as non-interactions, sharing its history.
 
     Items the user has already seen are re-drawn once; the rare collision left
     after that is kept (it costs a little label noise, not a bias).
@@ -125,6 +128,7 @@ def sample_negatives(
             items[i] = rng.integers(1, num_items)
     repeated.item_idx = items.astype(np.int64)
     repeated.label = np.zeros(len(repeated), np.float32)
+    repeated.rated = np.zeros(len(repeated), np.float32)
     return repeated
 
 

@@ -37,6 +37,9 @@ class ColdUser:
 
 @dataclass(frozen=True)
 class Scored:
+    """A recommended item; ``score`` is the probability that the user picks the
+    item and likes it (``P(interact) * P(like)``)."""
+
     item_id: int
     score: float
 
@@ -169,13 +172,14 @@ class ModelBundle:
 
     @torch.no_grad()
     def _top(self, model, batch: Batch, exclude, k: int) -> list[Scored]:
-        logit = model.score_candidates(batch, self._candidates)[0]  # [num_items]
-        logit[0] = -torch.inf
+        # log P(interact) + log P(like) per item: [num_items]
+        score = model.score_candidates(batch, self._candidates)[0]
+        score[0] = -torch.inf
         excluded = self.space.item_index(list(exclude))
-        logit[torch.from_numpy(excluded)] = -torch.inf
-        k = min(k, int(torch.isfinite(logit).sum()))
-        values, index = torch.topk(logit, k)
-        probability = torch.sigmoid(values)
+        score[torch.from_numpy(excluded)] = -torch.inf
+        k = min(k, int(torch.isfinite(score).sum()))
+        values, index = torch.topk(score, k)
+        probability = torch.exp(values)
         return [
             Scored(int(self._item_ids[i]), float(p)) for i, p in zip(index, probability)
         ]

@@ -4,7 +4,16 @@ Embeddings are TorchRec ``EmbeddingBagCollection`` tables: one for user id (the
 teacher only), one per user side feature, one for item id and one per item
 feature. A user tower turns the user's inputs and the mean of their history into
 a user embedding. The candidate item attends over the history (DIN-style), giving
-attention weights and an interest vector, and a click head scores the pair.
+attention weights and an interest vector, and a two-output head scores the pair:
+
+- ``like``: will the user click (rate 4 or 5) the item if it is shown to them;
+  trained on logged interactions only, it is the click probability;
+- ``interact``: would the user pick the item at all; trained on logged
+  interactions against sampled unseen items.
+
+Ranking uses ``log P(interact) + log P(like)``: one logit alone is either good
+at ranking (interactions) or at predicting clicks on shown items (likes), not
+both.
 
 The student is the same network without the user-id table: all it knows of a
 user is their side features and the few items they touched.
@@ -16,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
@@ -36,6 +46,7 @@ class Batch:
     history: torch.Tensor  # [B, L]
     history_len: torch.Tensor  # [B]
     label: torch.Tensor | None = None  # [B]
+    rated: torch.Tensor | None = None  # [B], 1 for logged interactions
 
     @classmethod
     def from_examples(cls, examples) -> "Batch":
@@ -46,14 +57,21 @@ class Batch:
             history=torch.from_numpy(examples.history),
             history_len=torch.from_numpy(examples.history_len),
             label=torch.from_numpy(examples.label),
+            rated=torch.from_numpy(examples.rated),
         )
 
 
 @dataclass
 class Output:
-    logit: torch.Tensor  # [B]
+    logit: torch.Tensor  # [B], click logit of a shown item (the like head)
+    interact_logit: torch.Tensor  # [B]
     user_embedding: torch.Tensor  # [B, D]
     attention: torch.Tensor  # [B, L], zero past the history length
+
+
+def rank_score(logits: torch.Tensor) -> torch.Tensor:
+    """``log P(interact) + log P(like)`` from ``[..., 2]`` (like, interact) logits."""
+    return F.logsigmoid(logits).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -137,7 +155,7 @@ class RecNetwork(nn.Module):
         self.user_tower = _mlp([(len(self.user_keys) + 1) * d, config.hidden_dim, d])
         self.query = nn.Linear(d, d, bias=False)
         self.key = nn.Linear(d, d, bias=False)
-        self.head = _mlp([5 * d, config.hidden_dim, config.hidden_dim // 2, 1])
+        self.head = _mlp([5 * d, config.hidden_dim, config.hidden_dim // 2, 2])
 
     def _register_item_tokens(self, item_tokens: dict[str, list[list[int]]]) -> None:
         # CSR layout per feature: token values and per-item offsets, padding first.
@@ -195,18 +213,19 @@ class RecNetwork(nn.Module):
     def forward(self, batch: Batch) -> Output:
         user, history, mask = self.encode_user(batch)
         item = self.item_vectors(batch.item_idx)  # [B, D]
-        logit, attention = self._score(user, history, mask, item[:, None, :])
-        return Output(logit[:, 0], user, attention[:, 0])
+        logits, attention = self._score(user, history, mask, item[:, None, :])
+        return Output(logits[:, 0, 0], logits[:, 0, 1], user, attention[:, 0])
 
     def score_candidates(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
-        """Click logits of each user against every candidate, ``[B, N]``.
+        """Ranking scores (see ``rank_score``) of each user against every
+        candidate, ``[B, N]``.
 
         ``batch.item_idx`` is ignored; ``candidates`` is ``[N]`` item indices.
         """
         user, history, mask = self.encode_user(batch)
         items = self.item_vectors(candidates)[None].expand(user.shape[0], -1, -1)
-        logit, _ = self._score(user, history, mask, items)
-        return logit
+        logits, _ = self._score(user, history, mask, items)
+        return rank_score(logits)
 
     def _score(self, user, history, mask, items):
         """user [B, D], history [B, L, D], mask [B, L], items [B, N, D]."""
@@ -221,5 +240,8 @@ class RecNetwork(nn.Module):
         features = torch.cat(
             [user_n, items, interest, user_n * items, interest * items], -1
         )
-        logit = self.head(features)[..., 0] + (user_n * items).sum(-1)
-        return logit, attention  # [B, N], [B, N, L]
+        logits = self.head(features)  # [B, N, 2]: like, interact
+        # The dot product keeps user and item embeddings in one retrieval space.
+        dot = (user_n * items).sum(-1)
+        logits = torch.stack([logits[..., 0], logits[..., 1] + dot], -1)
+        return logits, attention  # [B, N, 2], [B, N, L]

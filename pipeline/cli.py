@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().handlers[0].addFilter(
         lambda record: record.name != "root" or record.levelno >= logging.WARNING
     )
+    # One line per replayed HTTP request drowns the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ValidationError as error:

@@ -1,6 +1,7 @@
 """Evaluate every model on the test sets of both cohorts.
 
-Pointwise: AUC and log loss over the rated test pairs. Ranking: Recall@K and
+Pointwise: AUC and log loss over the rated test pairs, from the networks'
+click (like) head: a rated item is one the user was shown. Ranking: Recall@K and
 NDCG@K over all items the user has not seen in train (warm) or onboarding
 (cold), relevant = the user's test clicks. Recall@K is normalised by
 ``min(K, relevant)`` so that a perfect top-K scores 1 for users with many
@@ -71,7 +72,7 @@ def network_pointwise(model, examples: Examples) -> tuple[np.ndarray, np.ndarray
 
 @torch.no_grad()
 def network_rank_scores(model, users: list[RankingUser], num_items: int, max_history: int):
-    """``[U, num_items]`` logits; column 0 (padding) is never ranked."""
+    """``[U, num_items]`` ranking scores; column 0 (padding) is never ranked."""
     candidates = torch.arange(num_items)
     parts = []
     for start in range(0, len(users), USERS_PER_CHUNK):

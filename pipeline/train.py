@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from data.examples import Examples, sample_negatives
-from models.distill import DistillWeights, distillation_loss
+from models.distill import DistillWeights, distillation_loss, label_loss
 from models.ema import EMA
 from models.network import Batch, NetworkConfig, RecNetwork
 from models.snapshot import DoubleBuffer
@@ -111,7 +111,7 @@ class Trainer:
     def teacher_step(self, batch: Batch) -> float:
         self.teacher.train()
         out = self.teacher(batch)
-        loss = F.binary_cross_entropy_with_logits(out.logit, batch.label)
+        loss = label_loss(out, batch.label, batch.rated)
         self.teacher_opt.zero_grad()
         loss.backward()
         self.teacher_opt.step()
@@ -128,7 +128,7 @@ class Trainer:
             target = snapshot.module(batch)
             version = snapshot.version
         out = self.student(batch)
-        loss, terms = distillation_loss(out, target, batch.label, self.weights)
+        loss, terms = distillation_loss(out, target, batch.label, batch.rated, self.weights)
         self.student_opt.zero_grad()
         loss.backward()
         self.student_opt.step()

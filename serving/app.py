@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from models.bundle import ColdUser, Predictor, Scored, load_bundle
@@ -218,6 +218,13 @@ def _check_max(field: str, value: int, limit: int, what: str) -> None:
 async def healthz(state: State) -> HealthResponse:
     """Liveness check naming the model version being served."""
     return HealthResponse(model_version=state.predictor.version)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: State) -> Response:
+    """Impressions, clicks and latency in Prometheus' text format."""
+    body, content_type = state.reporter.prometheus_text()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/v1/users/{user_id}/embedding", response_model=UserEmbeddingResponse)

@@ -13,6 +13,14 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from serving.config import ServingSettings
 
@@ -97,6 +105,33 @@ def snapshot_metrics(snapshot: ServingSnapshot) -> dict[str, float]:
     return metrics
 
 
+class _PrometheusCounters:
+    """Prometheus counters beside the MLflow report, in a registry of their own
+    (one per reporter, so a reloaded app never registers a name twice)."""
+
+    def __init__(self, model_version: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_version": model_version}
+        self.impressions = Counter(
+            "emarec_impressions",
+            "Recommended items shown, by cohort",
+            ["cohort"],
+            registry=self.registry,
+        )
+        self.clicks = Counter(
+            "emarec_clicks", "Recommended items clicked, by cohort", ["cohort"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "emarec_request_latency_seconds",
+            "Handler wall time, by endpoint",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        Info("emarec_model", "Served model", registry=self.registry).info(labels)
+
+
 class ServingReporter:
     """Thread-safe serving counters for one model version, reported to MLflow.
 
@@ -159,6 +194,7 @@ class ServingReporter:
         self._step = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prometheus = _PrometheusCounters(model_version)
 
     @classmethod
     def from_settings(
@@ -202,6 +238,7 @@ class ServingReporter:
             raise ValueError(f"unknown endpoint {endpoint!r}; expected {ENDPOINTS}")
         with self._lock:
             self._latency[endpoint].add(seconds * 1000.0)
+        self._prometheus.latency.labels(endpoint).observe(seconds)
 
     def record_feedback(self, cohort: str, impressions: int, clicks: int) -> None:
         """Add new (not duplicate) impressions and clicks for a cohort.
@@ -221,6 +258,12 @@ class ServingReporter:
         with self._lock:
             self._impressions[cohort] += impressions
             self._clicks[cohort] += clicks
+        self._prometheus.impressions.labels(cohort).inc(impressions)
+        self._prometheus.clicks.labels(cohort).inc(clicks)
+
+    def prometheus_text(self) -> tuple[bytes, str]:
+        """The same counters in Prometheus' text format, and its content type."""
+        return generate_latest(self._prometheus.registry), CONTENT_TYPE_LATEST
 
     def snapshot(self) -> ServingSnapshot:
         """Copy the cumulative counts and latency percentiles.

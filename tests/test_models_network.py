@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data.features import FeatureSpace
 from models.distill import DistillWeights, distillation_loss
-from models.network import Batch, NetworkConfig, Output, RecNetwork
+from models.network import Batch, NetworkConfig, Output, RecNetwork, rank_score
 from models.quantize import (
     embedding_bytes,
     quantize_dense,
@@ -95,6 +95,7 @@ def make_batch(space: FeatureSpace, seed: int = 0, size: int = B) -> Batch:
         history=torch.from_numpy(history),
         history_len=torch.from_numpy(lengths),
         label=torch.from_numpy(rng.integers(0, 2, size=size).astype(np.float32)),
+        rated=torch.from_numpy((rng.random(size) < 0.6).astype(np.float32)),
     )
 
 
@@ -160,7 +161,8 @@ def test_score_candidates_matches_forward(space, teacher) -> None:
         assert scores.shape == (B, len(candidates))
         for column, item in enumerate(candidates.tolist()):
             single = dataclasses.replace(batch, item_idx=torch.full((B,), item))
-            expected = model(single).logit
+            out = model(single)
+            expected = rank_score(torch.stack([out.logit, out.interact_logit], -1))
             torch.testing.assert_close(
                 scores[:, column], expected, atol=1e-5, rtol=0, msg=f"item {item}"
             )
@@ -214,24 +216,31 @@ def test_item_vectors_use_each_items_own_genres(space, teacher) -> None:
 # --- distillation --------------------------------------------------------------------
 
 
-def hand_terms(student: Output, teacher: Output, label: torch.Tensor) -> dict:
+def hand_terms(
+    student: Output, teacher: Output, label: torch.Tensor, rated: torch.Tensor
+) -> dict:
     """The four terms, written out from their definitions."""
     p = torch.sigmoid(student.logit)
     q = torch.sigmoid(teacher.logit)
+    pi = torch.sigmoid(student.interact_logit)
+    qi = torch.sigmoid(teacher.interact_logit)
     rows = teacher.attention.sum(-1) > 0
     t, s = teacher.attention[rows], student.attention[rows]
     kl = torch.where(t > 0, t * (t / s.clamp(min=1e-30)).log(), torch.zeros_like(t))
 
-    def bce(target: torch.Tensor) -> float:
-        return -(target * p.log() + (1 - target) * (1 - p).log()).mean().item()
+    def bce(prob, target, weight=None) -> float:
+        loss = -(target * prob.log() + (1 - target) * (1 - prob).log())
+        if weight is None:
+            return loss.mean().item()
+        return ((loss * weight).sum() / weight.sum()).item()
 
     return {
-        "label": bce(label),
+        "label": bce(pi, rated) + bce(p, label, rated),
         "embedding": ((student.user_embedding - teacher.user_embedding) ** 2)
         .mean()
         .item(),
         "attention": kl.sum(-1).mean().item(),
-        "click": bce(q),
+        "click": bce(p, q) + bce(pi, qi),
     }
 
 
@@ -239,13 +248,13 @@ def hand_terms(student: Output, teacher: Output, label: torch.Tensor) -> dict:
 def outputs(space, teacher, student):
     batch = make_batch(space, seed=7)
     with torch.no_grad():
-        return student[0](batch), teacher[0](batch), batch.label
+        return student[0](batch), teacher[0](batch), batch.label, batch.rated
 
 
 def test_distillation_terms_match_their_definitions(outputs) -> None:
-    s, t, label = outputs
-    total, terms = distillation_loss(s, t, label)
-    expected = hand_terms(s, t, label)
+    s, t, label, rated = outputs
+    total, terms = distillation_loss(s, t, label, rated)
+    expected = hand_terms(s, t, label, rated)
     assert set(terms) == set(expected)
     for name, value in expected.items():
         assert terms[name] == pytest.approx(value, abs=1e-4), name
@@ -254,8 +263,8 @@ def test_distillation_terms_match_their_definitions(outputs) -> None:
 
 
 def test_identical_outputs_have_no_embedding_or_attention_loss(outputs) -> None:
-    _, t, label = outputs
-    _, terms = distillation_loss(t, t, label)
+    _, t, label, rated = outputs
+    _, terms = distillation_loss(t, t, label, rated)
     assert terms["embedding"] == pytest.approx(0.0, abs=1e-9)
     assert terms["attention"] == pytest.approx(0.0, abs=1e-6)
     # The click term is then the teacher's own entropy: positive, not zero.
@@ -264,9 +273,9 @@ def test_identical_outputs_have_no_embedding_or_attention_loss(outputs) -> None:
 
 @pytest.mark.parametrize("off", ["label", "embedding", "attention", "click"])
 def test_each_weight_switches_its_term_off(outputs, off: str) -> None:
-    s, t, label = outputs
+    s, t, label, rated = outputs
     weights = DistillWeights(**{off: 0.0})
-    total, terms = distillation_loss(s, t, label, weights)
+    total, terms = distillation_loss(s, t, label, rated, weights)
     assert total.item() == pytest.approx(
         sum(v for k, v in terms.items() if k != off), abs=1e-5
     )
@@ -274,20 +283,22 @@ def test_each_weight_switches_its_term_off(outputs, off: str) -> None:
 
 
 def test_weights_scale_their_terms(outputs) -> None:
-    s, t, label = outputs
+    s, t, label, rated = outputs
     weights = DistillWeights(label=0.5, embedding=2.0, attention=0.0, click=3.0)
-    total, terms = distillation_loss(s, t, label, weights)
+    total, terms = distillation_loss(s, t, label, rated, weights)
     expected = 0.5 * terms["label"] + 2.0 * terms["embedding"] + 3.0 * terms["click"]
     assert total.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_attention_term_skips_rows_without_history(outputs) -> None:
-    s, t, label = outputs
-    empty = Output(t.logit, t.user_embedding, torch.zeros_like(t.attention))
-    _, terms = distillation_loss(s, empty, label)
+    s, t, label, rated = outputs
+    empty = Output(
+        t.logit, t.interact_logit, t.user_embedding, torch.zeros_like(t.attention)
+    )
+    _, terms = distillation_loss(s, empty, label, rated)
     assert terms["attention"] == 0.0
     total, _ = distillation_loss(
-        s, empty, label, DistillWeights(label=0, embedding=0, click=0)
+        s, empty, label, rated, DistillWeights(label=0, embedding=0, click=0)
     )
     assert total.item() == 0.0
 
@@ -299,7 +310,7 @@ def test_switched_off_term_sends_no_gradient(space, student, teacher) -> None:
         t = teacher[0](batch)
     model.zero_grad()
     weights = DistillWeights(label=0, embedding=0, attention=0, click=0)
-    total, _ = distillation_loss(model(batch), t, batch.label, weights)
+    total, _ = distillation_loss(model(batch), t, batch.label, batch.rated, weights)
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert all((g == 0).all() for g in grads)

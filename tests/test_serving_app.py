@@ -322,6 +322,19 @@ def test_feedback_defaults_to_all_items_shown(client, predictor):
     assert counts.clicks == {"warm": 1, "cold": 0}
 
 
+def test_metrics_endpoint_exposes_the_same_counts_for_prometheus(client):
+    rec = recommend(client, user_id=3, k=4)
+    body = {"recommendation_id": rec["recommendation_id"], "clicks": []}
+    client.post("/v1/feedback", json=body)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'emarec_impressions_total{cohort="warm"} 4.0' in text
+    assert 'emarec_clicks_total{cohort="warm"} 0.0' in text
+    assert 'emarec_request_latency_seconds_count{endpoint="recommendations"} 1.0' in text
+
+
 def test_repeated_feedback_is_counted_once(client):
     rec = recommend(client, **COLD, k=3)
     item = rec["items"][0]["item_id"]
