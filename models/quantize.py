@@ -16,16 +16,25 @@ import warnings
 
 import torch
 from torch import nn
+from torchrec import EmbeddingBagCollection
 from torchrec.inference.modules import quantize_embeddings
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from models.network import Batch, RecNetwork
 
 logger = logging.getLogger(__name__)
 
 
+# FBGEMM pads each INT8 row (values plus a 4-byte scale and offset) to this many
+# bytes. Its default of 16 turns a 36-byte row of 32 dimensions into 48 bytes;
+# 4 keeps it at 36 with the same lookups on CPU.
+ROW_ALIGNMENT = 4
+
+
 def quantize_tables(model: RecNetwork) -> RecNetwork:
     """A copy of ``model`` whose embedding tables are row-wise INT8."""
     quantized = copy.deepcopy(model).eval()
+    quant_prep_customize_row_alignment(quantized, [EmbeddingBagCollection], ROW_ALIGNMENT)
     return quantize_embeddings(quantized, dtype=torch.qint8, inplace=True)
 
 

@@ -74,6 +74,16 @@ def cmd_step(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.report import run_report
+
+    result = run_report(build_config(args), seeds=args.seeds)
+    print(result["table"])
+    for name, value in result["findings"].items():
+        print(f"{name}: {value:+.4f}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from serving.cli import serve
     from serving.config import ServingSettings
@@ -113,6 +123,13 @@ def make_parser() -> argparse.ArgumentParser:
         step = commands.add_parser(name, help=f"only the {name} step of a run")
         _pipeline_options(step)
         step.set_defaults(func=cmd_step)
+
+    report = commands.add_parser(
+        "report", help="every model and ablation side by side, over seeds"
+    )
+    _pipeline_options(report)
+    report.add_argument("--seeds", type=int, default=3)
+    report.set_defaults(func=cmd_report)
 
     serve = commands.add_parser("serve", help="the REST service (uvicorn)")
     serve.add_argument("--host")

@@ -32,12 +32,12 @@ class TrainConfig(BaseModel):
     hidden_dim: int = Field(64, ge=4, le=4096)
     max_history: int = Field(20, ge=1, le=500)
     batch_size: int = Field(512, ge=8)
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     lr: float = Field(2e-3, gt=0, lt=1)
     student_lr: float = Field(4e-3, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    negatives: int = Field(2, ge=0, le=50, description="sampled unseen items per event")
+    negatives: int = Field(4, ge=0, le=50, description="sampled unseen items per event")
     ema_decay: float = Field(0.995, gt=0, lt=1)
     ema_warmup: bool = True
     distill_interval: int = Field(10, ge=1, description="teacher steps per student step")
@@ -45,6 +45,13 @@ class TrainConfig(BaseModel):
     background_sync: bool = True
     student_epochs: int = Field(
         2, ge=0, description="extra distillation epochs from the final snapshot"
+    )
+    cold_history_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of student rows whose history is cut to the user's "
+        "first events, as a new user's onboarding would be",
     )
     distill_label: float = Field(1.0, ge=0)
     distill_embedding: float = Field(1.0, ge=0)

@@ -199,6 +199,13 @@ def plot_curves(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def saved_models(folder: Path) -> list[str]:
+    """Teachers, every trained student, and the INT8 student if quantized."""
+    students = json.loads((folder / "students.json").read_text())
+    names = ["online_teacher", "ema_teacher", *students]
+    return names + (["student_int8"] if (folder / "student_int8.pt").is_file() else [])
+
+
 def run_evaluate(config: PipelineConfig) -> dict:
     """Scores every saved model; writes ``work_dir/eval`` and logs to MLflow."""
     from models.store import load_network
@@ -209,7 +216,7 @@ def run_evaluate(config: PipelineConfig) -> dict:
     folder = model_dir(config.work_dir)
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
-    models = {name: load_network(folder, name, space) for name in MODELS[1:]}
+    models = {name: load_network(folder, name, space) for name in saved_models(folder)}
     metrics = evaluate_models(prepared, models, config.eval_k, config.train.max_history)
 
     out = eval_dir(config.work_dir)

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from data.examples import Examples, sample_negatives
+from data.split import ONBOARDING_EVENTS
 from models.distill import DistillWeights, distillation_loss, label_loss
 from models.ema import EMA
 from models.network import Batch, NetworkConfig, RecNetwork
@@ -54,10 +55,45 @@ class Curves:
         mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
 
-class Trainer:
-    """Holds the three networks and runs the schedule described above."""
+@dataclass(frozen=True)
+class StudentVariant:
+    """How one student learns: its loss weights and which teacher it reads.
 
-    def __init__(self, prepared: Prepared, config: TrainConfig):
+    ``source`` is ``"ema"`` (the published EMA snapshot, the product's way) or
+    ``"online"`` (the live online teacher, for comparison).
+    """
+
+    weights: DistillWeights
+    source: str = "ema"
+
+
+@dataclass
+class Student:
+    network: RecNetwork
+    optimizer: torch.optim.Optimizer
+    variant: StudentVariant
+
+
+MAIN_STUDENT = "student"
+
+
+class Trainer:
+    """Holds the networks and runs the schedule described above.
+
+    Args:
+        prepared: the encoded data.
+        config: training settings.
+        variants: students to train side by side on the same batches, by name;
+            by default the one product student, distilled from the EMA teacher
+            with the configured weights.
+    """
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        config: TrainConfig,
+        variants: dict[str, StudentVariant] | None = None,
+    ):
         self.prepared, self.config = prepared, config
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
@@ -66,26 +102,38 @@ class Trainer:
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
         self.teacher = RecNetwork(self.teacher_config, space.item_tokens)
-        self.student = RecNetwork(self.student_config, space.item_tokens)
         self.ema = EMA(self.teacher, config.ema_decay, warmup=config.ema_warmup)
         self.buffer = DoubleBuffer(self.teacher, background=config.background_sync)
         self.buffer.publish(self.ema.shadow, 0)
         self.teacher_opt = torch.optim.Adam(
             self.teacher.parameters(), config.lr, weight_decay=config.weight_decay
         )
-        self.student_opt = torch.optim.Adam(self.student.parameters(), config.student_lr)
-        self.weights = DistillWeights(
+        weights = DistillWeights(
             config.distill_label,
             config.distill_embedding,
             config.distill_attention,
             config.distill_click,
         )
+        variants = variants or {MAIN_STUDENT: StudentVariant(weights)}
+        self.students = {name: self._student(v) for name, v in variants.items()}
         self.train_examples = prepared.select("warm", "train")
         self.valid = Batch.from_examples(prepared.select("warm", "valid"))
         self.seen = prepared.seen_in_train()
+        self.first_items = first_items(self.train_examples, ONBOARDING_EVENTS)
         self.curves = Curves()
         self.step = 0
         self.student_steps = 0
+
+    def _student(self, variant: StudentVariant) -> Student:
+        if variant.source not in ("ema", "online"):
+            raise ValueError(f"student source must be ema or online, not {variant.source!r}")
+        network = RecNetwork(self.student_config, self.prepared.space.item_tokens)
+        optimizer = torch.optim.Adam(network.parameters(), self.config.student_lr)
+        return Student(network, optimizer, variant)
+
+    @property
+    def student(self) -> RecNetwork:
+        return next(iter(self.students.values())).network
 
     def epoch_examples(self) -> Examples:
         negatives = sample_negatives(
@@ -103,9 +151,12 @@ class Trainer:
         for start in range(0, len(examples), size):
             yield examples.take(np.arange(start, min(start + size, len(examples))))
 
+    def steps_per_epoch(self) -> int:
+        rows = len(self.train_examples) * (1 + self.config.negatives)
+        return -(-rows // self.config.batch_size)
+
     def planned_steps(self) -> int:
-        per_epoch = -(-len(self.train_examples) * (1 + self.config.negatives) // self.config.batch_size)
-        total = per_epoch * self.config.epochs
+        total = self.steps_per_epoch() * self.config.epochs
         return min(total, self.config.max_steps or total)
 
     def teacher_step(self, batch: Batch) -> float:
@@ -122,22 +173,63 @@ class Trainer:
             self.buffer.publish(self.ema.shadow, self.ema.num_updates)
         return loss.item()
 
-    def student_step(self, batch: Batch) -> dict[str, float]:
-        self.student.train()
-        with self.buffer.read() as snapshot, torch.no_grad():
-            target = snapshot.module(batch)
-            version = snapshot.version
-        out = self.student(batch)
-        loss, terms = distillation_loss(out, target, batch.label, batch.rated, self.weights)
-        self.student_opt.zero_grad()
-        loss.backward()
-        self.student_opt.step()
+    def cold_style(self, examples: Examples) -> Examples:
+        """Cuts some rows' history to the user's first events.
+
+        The student serves new users, who come with a handful of onboarding
+        items; training it only on long histories would leave it unused to
+        that. The first events of a user precede every later event, so the
+        cut history still only holds the past.
+        """
+        share = self.config.cold_history_share
+        rows = np.flatnonzero(
+            (examples.history_len > ONBOARDING_EVENTS)
+            & (self.rng.random(len(examples)) < share)
+        )
+        if len(rows) == 0:
+            return examples
+        examples = examples.take(np.arange(len(examples)))  # a copy
+        examples.history[rows] = 0
+        examples.history[rows, :ONBOARDING_EVENTS] = self.first_items[examples.user_id[rows]]
+        examples.history_len[rows] = ONBOARDING_EVENTS
+        return examples
+
+    def student_step(self, examples: Examples) -> dict[str, float]:
+        """One distillation step of every student on the same batch.
+
+        Returns the first student's loss terms, for the training curves.
+        """
+        batch = Batch.from_examples(self.cold_style(examples))
+        targets = {}
+        with torch.no_grad():
+            with self.buffer.read() as snapshot:
+                targets["ema"] = snapshot.module(batch)
+                version = snapshot.version
+            if any(s.variant.source == "online" for s in self.students.values()):
+                self.teacher.eval()
+                targets["online"] = self.teacher(batch)
+        logged = None
+        for student in self.students.values():
+            student.network.train()
+            out = student.network(batch)
+            target = targets[student.variant.source]
+            loss, terms = distillation_loss(
+                out, target, batch.label, batch.rated, student.variant.weights
+            )
+            student.optimizer.zero_grad()
+            loss.backward()
+            student.optimizer.step()
+            logged = logged or terms
         self.student_steps += 1
-        return {**{f"distill/{k}": v for k, v in terms.items()}, "distill/snapshot_version": version}
+        return {
+            **{f"distill/{k}": v for k, v in logged.items()},
+            "distill/snapshot_version": version,
+        }
 
     def run(self) -> dict:
         total = self.planned_steps()
         pending: list[Examples] = []
+        terms: dict[str, float] = {}
         started = time.perf_counter()
         with tqdm(total=total, desc="train teacher", unit="step") as bar:
             for epoch in range(self.config.epochs):
@@ -146,13 +238,15 @@ class Trainer:
                     self.step += 1
                     pending.append(examples)
                     if self.step % self.config.distill_interval == 0:
-                        terms = self.student_step(Batch.from_examples(Examples.concat(pending)))
+                        terms = self.student_step(Examples.concat(pending))
                         pending = []
                     if self.step % LOG_EVERY == 0:
-                        self.curves.add(
-                            self.step,
-                            {"train/teacher_loss": loss, "train/ema_decay": self.ema.current_decay(), **terms},
-                        )
+                        values = {
+                            "train/teacher_loss": loss,
+                            "train/ema_decay": self.ema.current_decay(),
+                            **terms,
+                        }
+                        self.curves.add(self.step, values)
                     bar.update()
                     bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
                     if self.step >= total:
@@ -177,11 +271,11 @@ class Trainer:
         """Extra distillation passes against the final EMA snapshot."""
         if not self.config.student_epochs:
             return
-        steps = self.config.student_epochs * -(-len(self.train_examples) * (1 + self.config.negatives) // self.config.batch_size)
+        steps = self.config.student_epochs * self.steps_per_epoch()
         with tqdm(total=steps, desc="distill student", unit="step") as bar:
             for _ in range(self.config.student_epochs):
                 for examples in self.batches(self.epoch_examples()):
-                    terms = self.student_step(Batch.from_examples(examples))
+                    terms = self.student_step(examples)
                     if self.student_steps % LOG_EVERY == 0:
                         self.curves.add(self.step + self.student_steps, terms)
                     bar.update()
@@ -193,7 +287,11 @@ class Trainer:
         label = self.valid.label.numpy()
         values = {}
         with self.buffer.read() as snapshot:
-            models = {"online_teacher": self.teacher, "ema_teacher": snapshot.module, "student": self.student}
+            models = {
+                "online_teacher": self.teacher,
+                "ema_teacher": snapshot.module,
+                **{name: s.network for name, s in self.students.items()},
+            }
             for name, model in models.items():
                 model.eval()
                 logit = model(self.valid).logit
@@ -207,7 +305,7 @@ class Trainer:
             self.step,
             values["valid/online_teacher/auc"],
             values["valid/ema_teacher/auc"],
-            values["valid/student/auc"],
+            values[f"valid/{next(iter(self.students))}/auc"],
         )
 
     def save(self, folder: Path) -> None:
@@ -216,18 +314,34 @@ class Trainer:
         save_network(self.teacher, self.teacher_config, folder, "online_teacher")
         with self.buffer.read() as snapshot:
             save_network(snapshot.module, self.teacher_config, folder, "ema_teacher")
-        save_network(self.student, self.student_config, folder, "student")
+        for name, student in self.students.items():
+            save_network(student.network, self.student_config, folder, name)
+        (folder / "students.json").write_text(json.dumps(list(self.students)))
         torch.save(self.ema.state_dict(), folder / "ema_state.pt")
         (folder / "curves.json").write_text(json.dumps(self.curves.points))
         self.buffer.close()
 
 
-def run_train(config: PipelineConfig) -> dict:
+def first_items(examples: Examples, count: int) -> np.ndarray:
+    """``[max user id + 1, count]``: each user's first ``count`` items.
+
+    A train example with history length ``n < count`` is the user's event
+    number ``n``, so its item is first item ``n``.
+    """
+    table = np.zeros((int(examples.user_id.max()) + 1, count), np.int64)
+    early = np.flatnonzero((examples.history_len < count) & (examples.rated == 1))
+    table[examples.user_id[early], examples.history_len[early]] = examples.item_idx[early]
+    return table
+
+
+def run_train(
+    config: PipelineConfig, variants: dict[str, StudentVariant] | None = None
+) -> dict:
     """Trains on ``work_dir/ingest`` and writes the networks to ``work_dir/model``."""
     prepared = prepare(config.work_dir, config.train.max_history)
     with tracked_run(config):
         mlflow.log_params(flatten("train", config.train.model_dump()))
-        trainer = Trainer(prepared, config.train)
+        trainer = Trainer(prepared, config.train, variants)
         summary = trainer.run()
         trainer.save(model_dir(config.work_dir))
         mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})

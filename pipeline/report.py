@@ -1,0 +1,183 @@
+"""``emarec report``: every model and ablation side by side, over several seeds.
+
+Per seed, one teacher (with its EMA) is trained, and every student variant is
+trained beside it on the same batches: the product student distilled from the
+EMA teacher, one trained on labels only, one distilled from the online teacher,
+and one per distillation term removed. The product student is quantized to
+INT8. Every model is evaluated on the same split; the table gives the mean and
+standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from models.distill import DistillWeights  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.evaluate import run_evaluate  # noqa: E402
+from pipeline.ingest import ingest_dir, run_ingest  # noqa: E402
+from pipeline.quantize import run_quantize  # noqa: E402
+from pipeline.train import MAIN_STUDENT, StudentVariant, model_dir, run_train  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+REPORT_EXPERIMENT = "emarec-report"
+ROWS = {
+    "popularity": "popularity",
+    "online_teacher": "online teacher",
+    "ema_teacher": "EMA teacher",
+    "student_no_distill": "student, labels only (no distillation)",
+    MAIN_STUDENT: "student distilled from EMA teacher",
+    "student_online_teacher": "student distilled from online teacher",
+    "student_no_embedding": "distilled, without embedding term",
+    "student_no_attention": "distilled, without attention term",
+    "student_no_click": "distilled, without click term",
+    "student_int8": "INT8 student",
+}
+COLUMNS = (
+    ("cold", "auc"), ("cold", "recall_at_10"), ("warm", "auc"), ("warm", "recall_at_10"),
+)  # fmt: skip
+
+
+def variants(weights: DistillWeights) -> dict[str, StudentVariant]:
+    """The student variants of the report, from the configured weights."""
+    return {
+        MAIN_STUDENT: StudentVariant(weights),
+        "student_no_distill": StudentVariant(
+            replace(weights, embedding=0.0, attention=0.0, click=0.0)
+        ),
+        "student_online_teacher": StudentVariant(weights, source="online"),
+        "student_no_embedding": StudentVariant(replace(weights, embedding=0.0)),
+        "student_no_attention": StudentVariant(replace(weights, attention=0.0)),
+        "student_no_click": StudentVariant(replace(weights, click=0.0)),
+    }
+
+
+def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
+    train = config.train.model_copy(update={"seed": seed})
+    return config.model_copy(
+        update={
+            "work_dir": Path(config.work_dir) / f"seed-{seed}",
+            "experiment": REPORT_EXPERIMENT,
+            "train": train,
+        }
+    )
+
+
+def run_seed(config: PipelineConfig, seed: int) -> dict:
+    """Trains, quantizes and evaluates every variant for one seed."""
+    seeded = seed_config(config, seed)
+    shutil.copytree(ingest_dir(config.work_dir), ingest_dir(seeded.work_dir))
+    train = seeded.train
+    weights = DistillWeights(
+        train.distill_label,
+        train.distill_embedding,
+        train.distill_attention,
+        train.distill_click,
+    )
+    run_train(seeded, variants(weights))
+    quantize = run_quantize(seeded)
+    metrics = run_evaluate(seeded)
+    metrics["int8/embedding_size_ratio"] = quantize["float_embedding_bytes"] / max(
+        1, quantize["int8_embedding_bytes"]
+    )
+    (model_dir(seeded.work_dir) / "report_metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def aggregate(per_seed: list[dict]) -> pd.DataFrame:
+    """Mean and standard deviation over seeds, one row per metric name."""
+    frame = pd.DataFrame(per_seed)
+    return pd.DataFrame({"mean": frame.mean(), "std": frame.std(ddof=1).fillna(0.0)})
+
+
+def report_table(stats: pd.DataFrame, seeds: int) -> str:
+    header = "| model | " + " | ".join(f"{c} {m}" for c, m in COLUMNS) + " |"
+    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    for key, label in ROWS.items():
+        cells = []
+        for cohort, metric in COLUMNS:
+            name = f"{key}/{cohort}/{metric}"
+            if name not in stats.index:
+                cells.append("n/a")
+                continue
+            row = stats.loc[name]
+            cells.append(f"{row['mean']:.4f} ± {row['std']:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Mean ± standard deviation over {seeds} seeds.")
+    return "\n".join(lines)
+
+
+def findings(stats: pd.DataFrame) -> dict[str, float]:
+    """The figures the product promises, from the aggregated table."""
+    mean = stats["mean"]
+    distilled = mean[f"{MAIN_STUDENT}/cold/recall_at_10"]
+    labels_only = mean["student_no_distill/cold/recall_at_10"]
+    return {
+        "distillation_cold_recall_lift": distilled / labels_only - 1.0,
+        "int8_cold_auc_delta": mean["student_int8/cold/auc"] - mean[f"{MAIN_STUDENT}/cold/auc"],
+        "int8_cold_recall_delta": mean["student_int8/cold/recall_at_10"] - distilled,
+        "int8_embedding_size_ratio": mean["int8/embedding_size_ratio"],
+        "ema_vs_online_warm_auc": mean["ema_teacher/warm/auc"] - mean["online_teacher/warm/auc"],
+    }
+
+
+def plot_report(stats: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(16, 5), sharey=True)
+    keys = [k for k in ROWS if f"{k}/cold/auc" in stats.index]
+    for ax, (cohort, metric) in zip(axes, COLUMNS):
+        names = [f"{k}/{cohort}/{metric}" for k in keys]
+        ax.barh(
+            range(len(keys)),
+            stats.loc[names, "mean"],
+            xerr=stats.loc[names, "std"],
+            color="tab:blue",
+        )
+        ax.set_title(f"{cohort} {metric}")
+        ax.set_yticks(range(len(keys)), [ROWS[k] for k in keys])
+        lo = float(stats.loc[names, "mean"].min())
+        ax.set_xlim(max(0.0, lo * 0.9), None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_report(config: PipelineConfig, seeds: int = 3) -> dict:
+    """Runs the report; writes ``work_dir/report.md`` and logs it to MLflow."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    run_ingest(config)
+    per_seed = [run_seed(config, seed) for seed in range(seeds)]
+    stats = aggregate(per_seed)
+    table = report_table(stats, seeds)
+    figures = findings(stats)
+    text = table + "\n\n" + "\n".join(f"- {k}: {v:+.4f}" for k, v in figures.items())
+    out = Path(config.work_dir)
+    (out / "report.md").write_text(text + "\n")
+    stats.to_csv(out / "report.csv")
+    plot_report(stats, out / "report.png")
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_experiment(REPORT_EXPERIMENT)
+    with mlflow.start_run(run_name=f"report-{seeds}-seeds"):
+        mlflow.log_params({"seeds": seeds, "data": str(config.data)})
+        for name, row in stats.iterrows():
+            if np.isfinite(row["mean"]):
+                mlflow.log_metric(f"{name}/mean", float(row["mean"]))
+                mlflow.log_metric(f"{name}/std", float(row["std"]))
+        mlflow.log_metrics(figures)
+        for name in ("report.md", "report.csv", "report.png"):
+            mlflow.log_artifact(str(out / name), artifact_path="report")
+    return {"table": table, "findings": figures}
