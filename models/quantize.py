@@ -102,3 +102,76 @@ def embedding_bytes(model: nn.Module) -> int:
         if "embedding_bags" in name:
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+# TorchRec's INT8 rows are [fp16 scale, fp16 offset, D x uint8]; FBGEMM's
+# conversion ops want the scale and offset at the end instead.
+SCALE_OFFSET_BYTES = 4
+
+
+def dequantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``[R, 4 + D]`` TorchRec INT8 rows to ``[R, D]`` float32."""
+    fused = torch.cat([weight[:, SCALE_OFFSET_BYTES:], weight[:, :SCALE_OFFSET_BYTES]], 1)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, 8)
+
+
+def quantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``[R, D]`` float to ``[R, 4 + D]`` INT8 rows, each with its own scale and
+    offset from its current minimum and maximum."""
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(
+        rows.float().contiguous(), 8
+    )
+    return torch.cat([fused[:, -SCALE_OFFSET_BYTES:], fused[:, :-SCALE_OFFSET_BYTES]], 1)
+
+
+class Int8Refresher:
+    """Keeps a served INT8 student current as new float weights arrive.
+
+    Each refresh folds the new weights into a float32 master copy of every
+    table (``master = decay * master + (1 - decay) * theta``) and requantizes
+    the tables from it, re-deriving each row's scale and offset as the row's
+    range moves. INT8 values are never updated in place: a chain of
+    dequantize-update-requantize on the INT8 values themselves would carry each
+    refresh's rounding into the next, while here the served rows are always
+    within one quantization step of the exact float EMA.
+
+    The master starts as the dequantized served tables. Dense layers, which
+    stay float32 in the served student, are averaged in place.
+
+    Args:
+        served: the INT8 student (tables quantized by ``quantize_tables``).
+        decay: the EMA decay of a refresh.
+
+    Raises:
+        ValueError: the served student's dense layers are INT8 too.
+    """
+
+    def __init__(self, served: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        state = served.state_dict()
+        if any("_packed_params" in name for name in state):
+            raise ValueError(
+                "refresh needs float dense layers; quantize with dense='never' "
+                "or re-quantize from the float student instead"
+            )
+        self.served, self.decay = served, decay
+        self.table_names = [n for n, t in state.items() if t.dtype == torch.uint8]
+        self.master = {n: dequantize_rows(state[n]) for n in self.table_names}
+
+    @torch.no_grad()
+    def refresh(self, source: nn.Module) -> None:
+        """Folds a float student's current weights into the served one."""
+        source_state = source.state_dict()
+        tables = [source_state[n].float() for n in self.table_names]
+        torch._foreach_lerp_(list(self.master.values()), tables, 1.0 - self.decay)
+        quantized = {n: quantize_rows(self.master[n]) for n in self.table_names}
+        self.served.load_state_dict(quantized, strict=False)
+        dense = [
+            (param, source_state[name])
+            for name, param in self.served.named_parameters()
+            if name in source_state and param.is_floating_point()
+        ]
+        if dense:
+            targets, values = zip(*dense)
+            torch._foreach_lerp_(list(targets), [v.float() for v in values], 1.0 - self.decay)

@@ -1,0 +1,70 @@
+"""INT8 student against the float student: embedding bytes and batch scoring speed.
+
+Batch inference is serving's shape: a batch of new users, each scored against
+the whole catalogue. Float, INT8 tables, and INT8 tables plus dynamic INT8
+dense layers are timed interleaved, best of several repetitions each.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from data.examples import build_examples
+from data.features import FeatureSpace
+from data.load import load_data
+from data.locate import resolve_data
+from data.split import split_interactions
+from models.network import Batch, NetworkConfig, RecNetwork
+from models.quantize import embedding_bytes, quantize_dense, quantize_tables
+
+USERS = 64
+REPEATS = 15
+
+
+def student_and_batch() -> tuple[RecNetwork, Batch, torch.Tensor]:
+    loaded = load_data(resolve_data())
+    events = split_interactions(loaded.interactions)
+    warm = events.loc[events.cohort == "warm", "user_id"].unique().tolist()
+    space = FeatureSpace.build(
+        loaded.users, loaded.items, loaded.user_features, loaded.item_features, warm
+    )
+    examples = build_examples(events, space, space.encode_users(loaded.users), 20)
+    torch.manual_seed(0)
+    student = RecNetwork(NetworkConfig.from_space(space, use_user_id=False), space.item_tokens)
+    rows = np.flatnonzero(examples.history_len >= 5)[:USERS]
+    return student.eval(), Batch.from_examples(examples.take(rows)), torch.arange(space.num_items)
+
+
+@torch.no_grad()
+def best_ms(models: dict, batch: Batch, candidates: torch.Tensor) -> dict[str, float]:
+    best = {name: float("inf") for name in models}
+    for model in models.values():
+        model.score_candidates(batch, candidates)  # warm-up
+    for _ in range(REPEATS):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.score_candidates(batch, candidates)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1000)
+    return best
+
+
+def run() -> dict:
+    student, batch, candidates = student_and_batch()
+    tables = quantize_tables(student)
+    models = {"float": student, "int8_tables": tables, "int8_all": quantize_dense(tables)}
+    ms = best_ms(models, batch, candidates)
+    fastest = min(("int8_tables", "int8_all"), key=ms.get)
+    print(f"batch of {USERS} users x {len(candidates)} items:")
+    for name, value in ms.items():
+        print(f"  {name:12s} {value:8.2f} ms")
+    return {
+        "int8_embedding_size_ratio": embedding_bytes(student) / embedding_bytes(tables),
+        "int8_batch_speedup": ms["float"] / ms[fastest],
+        "int8_batch_fastest": fastest,
+        "int8_float_batch_ms": ms["float"],
+        "int8_tables_batch_ms": ms["int8_tables"],
+        "int8_all_batch_ms": ms["int8_all"],
+    }
