@@ -3,6 +3,10 @@
 Known (warm) users are served from the EMA teacher, new (cold) users from the
 INT8 student. Handlers that call the model are plain ``def`` functions, so
 FastAPI runs the blocking model calls in its threadpool, off the event loop.
+
+The model follows the registry alias (:mod:`serving.watcher`): each request
+takes the serving model once and answers with its version, in the body's
+``model_version`` and the ``X-Model-Version`` header.
 """
 
 from __future__ import annotations
@@ -10,23 +14,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from models.bundle import ColdUser, Predictor, Scored, load_bundle
+from models.bundle import ColdUser, Predictor, Scored
+from serving import admin
 from serving.config import ServingSettings
+from serving.loading import (
+    LoadedModel,
+    LoaderSource,
+    ModelSource,
+    PredictorLoader,
+    source_from_settings,
+)
+from serving.middleware import BodySizeLimit, ModelVersionHeader, stamp_model_version
 from serving.recommendations import RecommendationLog
-from serving.registry import resolve_model
 from serving.reporter import ServingReporter
+from serving.reporters import ReporterFactory, ReporterPool
 from serving.schemas import (
     MAX_ID,
     EmbeddingsRequest,
@@ -39,44 +51,22 @@ from serving.schemas import (
     RecommendedItem,
     UserEmbeddingResponse,
 )
+from serving.state import Model, ServingState, State
+from serving.watcher import ModelWatcher, ServedModel
+
+__all__ = [
+    "LoadedModel",
+    "ModelSource",
+    "PredictorLoader",
+    "ReporterFactory",
+    "ServingState",
+    "create_app",
+]
 
 logger = logging.getLogger(__name__)
 
-
-class LoadedModel(NamedTuple):
-    """A predictor and the training run it came from (``None`` if unknown)."""
-
-    predictor: Predictor
-    run_id: str | None = None
-
-
-PredictorLoader = Callable[[ServingSettings], LoadedModel]
-ReporterFactory = Callable[[ServingSettings, str, str | None], ServingReporter]
 # A 422 error: location under the body, message, offending input.
 _Error = tuple[tuple[Any, ...], str, Any]
-
-
-def load_registered_model(settings: ServingSettings) -> LoadedModel:
-    """Resolve the bundle (local dir or registry alias) and load it.
-
-    Args:
-        settings: serving settings.
-
-    Returns:
-        The loaded bundle and its training run id.
-    """
-    path, version, run_id = resolve_model(settings)
-    return LoadedModel(load_bundle(path, version), run_id)
-
-
-@dataclass(frozen=True)
-class ServingState:
-    """Everything the handlers share, built by the app's lifespan."""
-
-    settings: ServingSettings
-    predictor: Predictor
-    reporter: ServingReporter
-    recommendations: RecommendationLog
 
 
 def create_app(
@@ -84,37 +74,51 @@ def create_app(
     predictor_loader: PredictorLoader | None = None,
     *,
     reporter_factory: ReporterFactory | None = None,
+    source: ModelSource | None = None,
 ) -> FastAPI:
     """Build the serving app; the model is loaded when the app starts.
 
     Args:
         settings: serving settings; read from the environment when ``None``.
-        predictor_loader: returns the model to serve; defaults to
-            :func:`load_registered_model`.
-        reporter_factory: builds the metrics reporter from settings, model
-            version and training run id; defaults to
+        predictor_loader: returns one fixed model to serve; it is never
+            reloaded. Ignored when ``source`` is given.
+        reporter_factory: builds a version's metrics reporter from settings,
+            model version and training run id; defaults to
             :meth:`ServingReporter.from_settings`.
+        source: where versions come from and which one should serve; defaults
+            to ``predictor_loader``, else the settings' local bundle or
+            registry alias.
 
     Returns:
         The FastAPI app; its state is ``app.state.serving`` while running.
     """
     settings = ServingSettings() if settings is None else settings
-    loader = predictor_loader or load_registered_model
+    if source is None:
+        source = (
+            source_from_settings(settings)
+            if predictor_loader is None
+            else LoaderSource(predictor_loader, settings)
+        )
     make_reporter = reporter_factory or ServingReporter.from_settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = await run_in_threadpool(loader, settings)
-        predictor = loaded.predictor
-        reporter = make_reporter(settings, predictor.version, loaded.run_id)
-        reporter.start()
+        reporters = ReporterPool(settings, make_reporter)
+        watcher = _watcher(settings, source, reporters)
+        try:
+            await run_in_threadpool(watcher.start_serving)
+        except Exception as exc:
+            logger.error("no loadable model to serve, not starting: %s", exc)
+            raise
         log = RecommendationLog(settings.recommendation_cache)
-        app.state.serving = ServingState(settings, predictor, reporter, log)
-        logger.info("serving model version %s", predictor.version)
+        app.state.serving = ServingState(settings, watcher, reporters, log)
+        if source.follows:
+            watcher.start()
         try:
             yield
         finally:
-            await run_in_threadpool(reporter.stop)
+            await run_in_threadpool(watcher.stop)
+            await run_in_threadpool(reporters.stop)
             logger.info("serving stopped")
 
     app = FastAPI(
@@ -123,8 +127,26 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Added last, so it runs first: nothing reads an oversized body.
+    app.add_middleware(ModelVersionHeader)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _watcher(
+    settings: ServingSettings, source: ModelSource, reporters: ReporterPool
+) -> ModelWatcher:
+    def on_swap(served: ServedModel, evicted: list[str]) -> None:
+        reporters.serve(served.version, served.run_id, evicted)
+
+    return ModelWatcher(
+        source,
+        cache_size=settings.model_cache,
+        poll_interval_s=settings.poll_interval_s,
+        on_swap=on_swap,
+    )
 
 
 async def _validation_error(
@@ -152,22 +174,15 @@ def _finite(value: Any) -> Any:
 router = APIRouter()
 
 
-async def _state(request: Request) -> ServingState:
-    # Async so resolving it never waits for a threadpool slot.
-    return request.app.state.serving
-
-
-State = Annotated[ServingState, Depends(_state)]
-
-
 @contextmanager
-def _timed(state: ServingState, endpoint: str) -> Iterator[None]:
-    """Record the handler's wall time, failed requests included."""
+def _timed(state: ServingState, version: str, endpoint: str) -> Iterator[None]:
+    """Record the handler's wall time for the serving version, failures too."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        state.reporter.record_latency(endpoint, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        state.reporters.record_latency(version, endpoint, elapsed)
 
 
 def _invalid(errors: list[_Error]) -> RequestValidationError:
@@ -181,10 +196,14 @@ def _invalid(errors: list[_Error]) -> RequestValidationError:
 
 
 def _cold_user_errors(
-    state: ServingState, features: dict[str, str], item_ids: list[int], loc: tuple
+    state: ServingState,
+    predictor: Predictor,
+    features: dict[str, str],
+    item_ids: list[int],
+    loc: tuple,
 ) -> list[_Error]:
     """Check a new user's features and items against the model."""
-    known = state.predictor.user_feature_names
+    known = predictor.user_feature_names
     errors = [
         (
             (*loc, "features", name),
@@ -199,7 +218,7 @@ def _cold_user_errors(
         msg = f"item_ids holds {len(item_ids)} items; send at most {max_history}"
         errors.append(((*loc, "item_ids"), msg, len(item_ids)))
         return errors
-    unknown = sorted({i for i in item_ids if not state.predictor.has_item(i)})
+    unknown = sorted({i for i in item_ids if not predictor.has_item(i)})
     if unknown:
         msg = f"unknown item ids {unknown}; they are not in the catalogue"
         errors.append(((*loc, "item_ids"), msg, unknown))
@@ -216,24 +235,28 @@ def _check_max(field: str, value: int, limit: int, what: str) -> None:
 # threadpool is busy with model calls.
 @router.get("/healthz", response_model=HealthResponse)
 async def healthz(state: State) -> HealthResponse:
-    """Liveness check naming the model version being served."""
-    return HealthResponse(model_version=state.predictor.version)
+    """Liveness check naming the model version being served, and the latest
+    reload error while the registry's champion could not be loaded."""
+    return HealthResponse(
+        model_version=state.watcher.current.version,
+        last_reload_error=admin.error_info(state.watcher.last_error),
+    )
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: State) -> Response:
     """Impressions, clicks and latency in Prometheus' text format."""
-    body, content_type = state.reporter.prometheus_text()
+    body, content_type = state.reporters.prometheus.text()
     return Response(body, media_type=content_type)
 
 
 @router.get("/v1/users/{user_id}/embedding", response_model=UserEmbeddingResponse)
 def user_embedding(
-    user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)], state: State
+    user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)], state: State, model: Model
 ) -> UserEmbeddingResponse:
     """Embedding of a known user from the EMA teacher."""
-    with _timed(state, "embedding"):
-        predictor = state.predictor
+    with _timed(state, model.version, "embedding"):
+        predictor = model.predictor
         if not predictor.has_user(user_id):
             raise HTTPException(
                 404,
@@ -243,29 +266,31 @@ def user_embedding(
         embedding = predictor.user_embeddings([user_id])[0]
         logger.debug("embedding for user %d", user_id)
         return UserEmbeddingResponse(
-            user_id=user_id,
-            embedding=embedding.tolist(),
-            model_version=predictor.version,
+            user_id=user_id, embedding=embedding.tolist(), model_version=model.version
         )
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
-def cold_embeddings(body: EmbeddingsRequest, state: State) -> EmbeddingsResponse:
+def cold_embeddings(
+    body: EmbeddingsRequest, state: State, model: Model
+) -> EmbeddingsResponse:
     """Embeddings of new users from the INT8 cold-start student."""
-    with _timed(state, "embeddings"):
+    with _timed(state, model.version, "embeddings"):
         max_batch = state.settings.max_batch
         _check_max("users", len(body.users), max_batch, "the number of users")
         errors: list[_Error] = []
         for index, user in enumerate(body.users):
             loc = ("users", index)
-            errors += _cold_user_errors(state, user.features, user.item_ids, loc)
+            errors += _cold_user_errors(
+                state, model.predictor, user.features, user.item_ids, loc
+            )
         if errors:
             raise _invalid(errors)
         users = [_to_cold_user(user.features, user.item_ids) for user in body.users]
-        embeddings = state.predictor.cold_embeddings(users)
+        embeddings = model.predictor.cold_embeddings(users)
         logger.debug("cold embeddings for %d users", len(users))
         return EmbeddingsResponse(
-            embeddings=embeddings.tolist(), model_version=state.predictor.version
+            embeddings=embeddings.tolist(), model_version=model.version
         )
 
 
@@ -275,25 +300,24 @@ def _to_cold_user(features: dict[str, str] | None, item_ids: list[int]) -> ColdU
 
 @router.post("/v1/recommendations", response_model=RecommendationResponse)
 def recommendations(
-    body: RecommendationRequest, state: State
+    body: RecommendationRequest, state: State, model: Model
 ) -> RecommendationResponse:
     """Top-k unseen items for a known user (warm) or a new one (cold)."""
-    with _timed(state, "recommendations"):
+    with _timed(state, model.version, "recommendations"):
         _check_max("k", body.k, state.settings.max_k, "k")
-        cohort, scored = _recommend(body, state)
-        predictor = state.predictor
+        cohort, scored = _recommend(body, state, model.predictor)
         item_ids = [int(s.item_id) for s in scored]
-        stored = state.recommendations.add(cohort, predictor.version, item_ids)
+        stored = state.recommendations.add(cohort, model.version, item_ids)
         logger.debug("%s recommendation %s", cohort, stored.recommendation_id)
         return RecommendationResponse(
             recommendation_id=stored.recommendation_id,
             cohort=cohort,
-            model_version=predictor.version,
+            model_version=model.version,
             items=[
                 RecommendedItem(
                     item_id=item_id,
                     score=float(s.score),
-                    title=predictor.item_title(item_id),
+                    title=model.predictor.item_title(item_id),
                 )
                 for item_id, s in zip(item_ids, scored, strict=True)
             ],
@@ -301,10 +325,9 @@ def recommendations(
 
 
 def _recommend(
-    body: RecommendationRequest, state: ServingState
+    body: RecommendationRequest, state: ServingState, predictor: Predictor
 ) -> tuple[str, list[Scored]]:
     """Pick the cohort and ask the model; raises 404/422 for unusable input."""
-    predictor = state.predictor
     if body.user_id is not None and predictor.has_user(body.user_id):
         return "warm", predictor.recommend_known(body.user_id, body.k)
     if body.item_ids is None:
@@ -325,7 +348,7 @@ def _recommend(
             ]
         )
     features = body.features or {}
-    errors = _cold_user_errors(state, features, body.item_ids, ())
+    errors = _cold_user_errors(state, predictor, features, body.item_ids, ())
     if errors:
         raise _invalid(errors)
     cold = _to_cold_user(features, body.item_ids)
@@ -333,13 +356,18 @@ def _recommend(
 
 
 @router.post("/v1/feedback", response_model=FeedbackResponse)
-def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
-    """Record impressions and clicks of a recommendation, each counted once."""
-    with _timed(state, "feedback"):
+def feedback(body: FeedbackRequest, request: Request, state: State) -> FeedbackResponse:
+    """Record impressions and clicks of a recommendation, each counted once.
+
+    The counts go to the model version that made the recommendation (its
+    ``X-Model-Version``), even if another version serves by now.
+    """
+    with _timed(state, state.watcher.current.version, "feedback"):
         recommendation_id = str(body.recommendation_id)
         stored = state.recommendations.get(recommendation_id)
         if stored is None:
             raise _unknown_recommendation(recommendation_id, state)
+        stamp_model_version(request, stored.model_version)
         shown = stored.item_ids if body.impressions is None else body.impressions
         _check_feedback(stored.item_ids, shown, body.clicks)
         try:
@@ -348,8 +376,11 @@ def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
             )
         except KeyError:
             raise _unknown_recommendation(recommendation_id, state) from None
-        state.reporter.record_feedback(
-            stored.cohort, outcome.new_impressions, outcome.new_clicks
+        state.reporters.record_feedback(
+            stored.model_version,
+            stored.cohort,
+            outcome.new_impressions,
+            outcome.new_clicks,
         )
         logger.debug("feedback for %s: %s", recommendation_id, outcome)
         return FeedbackResponse(

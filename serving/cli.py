@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +19,24 @@ logger = logging.getLogger(__name__)
 
 UserLoader = Callable[[Path], Iterable[ReplayUser]]
 
+# MLflow's defaults (7 retries with exponential backoff, 120 s timeouts) would
+# stall a metrics flush or a registry poll for minutes while the tracking
+# server is down. Serving keeps its counts and retries on its own schedule, so
+# it fails fast instead. Download progress bars would only clutter the server
+# log. Values already in the environment win.
+MLFLOW_SERVING_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def mlflow_serving_defaults() -> None:
+    """Shorten MLflow's HTTP retries and timeouts for this process."""
+    for name, value in MLFLOW_SERVING_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def serve(settings: ServingSettings | None = None) -> None:
     """Serve the model with uvicorn until interrupted.
@@ -26,6 +45,7 @@ def serve(settings: ServingSettings | None = None) -> None:
         settings: serving settings; read from ``EMAREC_*`` when ``None``.
     """
     settings = settings or ServingSettings()
+    mlflow_serving_defaults()
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info"

@@ -6,10 +6,12 @@ import math
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Shorter tokens are guessable; 16 characters of a random token are plenty.
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 def _default_tracking_uri() -> str:
@@ -21,6 +23,15 @@ class ServingSettings(BaseSettings):
     """How to find the model, where to listen and what to report.
 
     Every field can be set as ``EMAREC_<FIELD>``, e.g. ``EMAREC_PORT=9000``.
+
+    Attributes:
+        poll_interval_s: seconds between checks of the registry alias; a new
+            version under it is loaded in the background and swapped in.
+        model_cache: loaded versions kept in memory (the serving one
+            included), so a rollback to one of them is instant.
+        admin_token: bearer token of the ``/v1/admin`` endpoints; they are
+            disabled while it is unset.
+        max_body_bytes: largest request body accepted; larger ones get 413.
     """
 
     model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
@@ -37,6 +48,10 @@ class ServingSettings(BaseSettings):
     max_history: int = 50
     max_k: int = 100
     recommendation_cache: int = 100_000
+    poll_interval_s: float = 30
+    model_cache: int = 3
+    admin_token: SecretStr | None = None
+    max_body_bytes: int = 64 * 1024
 
     @field_validator(
         "tracking_uri", "model_name", "model_alias", "host", "serving_experiment"
@@ -67,17 +82,37 @@ class ServingSettings(BaseSettings):
             )
         return value
 
-    @field_validator("report_interval_s")
+    @field_validator("report_interval_s", "poll_interval_s")
     @classmethod
-    def _positive_interval(cls, value: float) -> float:
+    def _positive_interval(cls, value: float, info: ValidationInfo) -> float:
         if not (math.isfinite(value) and value > 0):
+            env = f"EMAREC_{info.field_name.upper()}"
             raise ValueError(
-                f"report_interval_s must be a finite number > 0, got {value}; set "
-                "EMAREC_REPORT_INTERVAL_S to a positive number of seconds"
+                f"{info.field_name} must be a finite number > 0, got {value}; set "
+                f"{env} to a positive number of seconds"
             )
         return value
 
-    @field_validator("max_batch", "max_history", "max_k", "recommendation_cache")
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"admin_token is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; "
+                "set EMAREC_ADMIN_TOKEN to a long random value, e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe())'`, or "
+                "unset it to disable the admin endpoints"
+            )
+        return value
+
+    @field_validator(
+        "max_batch",
+        "max_history",
+        "max_k",
+        "recommendation_cache",
+        "model_cache",
+        "max_body_bytes",
+    )
     @classmethod
     def _positive_limit(cls, value: int, info: ValidationInfo) -> int:
         if value < 1:

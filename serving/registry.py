@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -52,13 +53,42 @@ def resolve_model(settings: ServingSettings) -> tuple[Path, str, str | None]:
     return _resolve_registered(settings)
 
 
-def _resolve_registered(settings: ServingSettings) -> tuple[Path, str, str | None]:
-    name, alias, uri = settings.model_name, settings.model_alias, settings.tracking_uri
+@dataclass(frozen=True)
+class ModelRef:
+    """One registered model version.
+
+    Attributes:
+        version: the registry's version number, as text.
+        run_id: the training run that logged it, if known.
+    """
+
+    version: str
+    run_id: str | None = None
+
+
+def _client(settings: ServingSettings) -> mlflow.MlflowClient:
+    uri = settings.tracking_uri
     # The registry lives on the tracking server in this project; passing it
     # explicitly keeps a stray MLFLOW_REGISTRY_URI from pointing elsewhere.
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion_ref(settings: ServingSettings) -> ModelRef:
+    """Ask the registry which version holds the alias now.
+
+    Args:
+        settings: serving settings (tracking URI, model name and alias).
+
+    Returns:
+        The version under the alias and its training run.
+
+    Raises:
+        RuntimeError: no version has the alias, or the model does not exist.
+        MlflowException: the registry could not be asked.
+    """
+    name, alias, uri = settings.model_name, settings.model_alias, settings.tracking_uri
     try:
-        model_version = client.get_model_version_by_alias(name, alias)
+        model_version = _client(settings).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if not _is_missing(exc):
             raise
@@ -66,23 +96,57 @@ def _resolve_registered(settings: ServingSettings) -> tuple[Path, str, str | Non
             f"no model version of {name!r} has the alias {alias!r} at {uri}: no "
             "champion exists yet; run `emarec run` first to train and register one"
         ) from exc
-    version = str(model_version.version)
+    return ModelRef(str(model_version.version), model_version.run_id)
+
+
+def download_bundle(
+    settings: ServingSettings, version: str, dst: Path | None = None
+) -> Path:
+    """Download one registered version's files and find its bundle in them.
+
+    Only files are fetched; nothing is unpickled or run (the pyfunc wrapper
+    is never loaded).
+
+    Args:
+        settings: serving settings (tracking URI, model name).
+        version: the registry version to fetch.
+        dst: folder to download into; MLflow picks a temporary one if ``None``.
+
+    Returns:
+        The directory that holds ``bundle.json``.
+
+    Raises:
+        RuntimeError: the downloaded files hold no ``bundle.json``.
+        MlflowException: the download failed.
+    """
+    uri = settings.tracking_uri
     # Ask this client for the files' location instead of downloading
     # "models:/name@alias": MLflow resolves a models:/ URI with the global
     # registry URI, ignoring the one passed in. Pinning the version also keeps
     # a concurrent promotion from handing us another version's files.
-    source = client.get_model_version_download_uri(name, version)
-    downloaded = mlflow.artifacts.download_artifacts(
-        artifact_uri=source, tracking_uri=uri, registry_uri=uri
+    source = _client(settings).get_model_version_download_uri(
+        settings.model_name, version
     )
+    downloaded = mlflow.artifacts.download_artifacts(
+        artifact_uri=source,
+        dst_path=None if dst is None else str(dst),
+        tracking_uri=uri,
+        registry_uri=uri,
+    )
+    return find_bundle_dir(Path(downloaded))
+
+
+def _resolve_registered(settings: ServingSettings) -> tuple[Path, str, str | None]:
+    ref = champion_ref(settings)
+    path = download_bundle(settings, ref.version)
     logger.info(
         "resolved %s@%s to version %s (training run %s)",
-        name,
-        alias,
-        version,
-        model_version.run_id,
+        settings.model_name,
+        settings.model_alias,
+        ref.version,
+        ref.run_id,
     )
-    return find_bundle_dir(Path(downloaded)), version, model_version.run_id
+    return path, ref.version, ref.run_id
 
 
 def find_bundle_dir(root: Path) -> Path:

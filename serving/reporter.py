@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -13,14 +14,6 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    Info,
-    generate_latest,
-)
 
 from serving.config import ServingSettings
 
@@ -30,6 +23,9 @@ COHORTS = ("warm", "cold")
 ENDPOINTS = ("embedding", "embeddings", "recommendations", "feedback")
 PERCENTILES = (50, 95, 99)
 RESERVOIR_SIZE = 10_000
+# While the tracking server stays down, repeat the failed-flush warning at most
+# this often; the failures in between are logged at debug level.
+FAILURE_WARNING_EVERY_S = 60.0
 
 
 class _Latency:
@@ -105,33 +101,6 @@ def snapshot_metrics(snapshot: ServingSnapshot) -> dict[str, float]:
     return metrics
 
 
-class _PrometheusCounters:
-    """Prometheus counters beside the MLflow report, in a registry of their own
-    (one per reporter, so a reloaded app never registers a name twice)."""
-
-    def __init__(self, model_version: str) -> None:
-        self.registry = CollectorRegistry()
-        labels = {"model_version": model_version}
-        self.impressions = Counter(
-            "emarec_impressions",
-            "Recommended items shown, by cohort",
-            ["cohort"],
-            registry=self.registry,
-        )
-        self.clicks = Counter(
-            "emarec_clicks", "Recommended items clicked, by cohort", ["cohort"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "emarec_request_latency_seconds",
-            "Handler wall time, by endpoint",
-            ["endpoint"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-        )
-        Info("emarec_model", "Served model", registry=self.registry).info(labels)
-
-
 class ServingReporter:
     """Thread-safe serving counters for one model version, reported to MLflow.
 
@@ -192,9 +161,10 @@ class ServingReporter:
         self._latency = {e: _Latency(reservoir_size, rng) for e in ENDPOINTS}
         self._run_id: str | None = None
         self._step = 0
+        self._failed_flushes = 0
+        self._last_warning = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._prometheus = _PrometheusCounters(model_version)
 
     @classmethod
     def from_settings(
@@ -238,7 +208,6 @@ class ServingReporter:
             raise ValueError(f"unknown endpoint {endpoint!r}; expected {ENDPOINTS}")
         with self._lock:
             self._latency[endpoint].add(seconds * 1000.0)
-        self._prometheus.latency.labels(endpoint).observe(seconds)
 
     def record_feedback(self, cohort: str, impressions: int, clicks: int) -> None:
         """Add new (not duplicate) impressions and clicks for a cohort.
@@ -258,12 +227,6 @@ class ServingReporter:
         with self._lock:
             self._impressions[cohort] += impressions
             self._clicks[cohort] += clicks
-        self._prometheus.impressions.labels(cohort).inc(impressions)
-        self._prometheus.clicks.labels(cohort).inc(clicks)
-
-    def prometheus_text(self) -> tuple[bytes, str]:
-        """The same counters in Prometheus' text format, and its content type."""
-        return generate_latest(self._prometheus.registry), CONTENT_TYPE_LATEST
 
     def snapshot(self) -> ServingSnapshot:
         """Copy the cumulative counts and latency percentiles.
@@ -288,7 +251,8 @@ class ServingReporter:
 
         Returns:
             Whether MLflow took the metrics; on failure the counts stay and a
-            warning is logged.
+            warning is logged (repeated at most once a minute while the
+            failures go on).
         """
         with self._flush_lock:
             metrics = snapshot_metrics(self.snapshot())
@@ -303,16 +267,38 @@ class ServingReporter:
             # Any failure here (connection, HTTP, store) must not take serving
             # down; the cumulative counts make the next flush catch up.
             except Exception as exc:
-                logger.warning(
-                    "serving metrics flush to %s failed, keeping counts for the "
-                    "next flush: %s",
-                    self.tracking_uri,
-                    exc,
-                )
+                self._flush_failed(exc)
                 return False
+            self._flush_worked()
             logger.debug("flushed %d metrics at step %d", len(batch), self._step)
             self._step += 1
             return True
+
+    def _flush_failed(self, exc: Exception) -> None:
+        self._failed_flushes += 1
+        now = time.monotonic()
+        quiet = now - self._last_warning < FAILURE_WARNING_EVERY_S
+        if quiet and self._failed_flushes > 1:
+            logger.debug("serving metrics flush failed again: %s", exc)
+            return
+        self._last_warning = now
+        logger.warning(
+            "serving metrics flush to %s failed (%d in a row), keeping counts for "
+            "the next flush: %s",
+            self.tracking_uri,
+            self._failed_flushes,
+            exc,
+        )
+
+    def _flush_worked(self) -> None:
+        if self._failed_flushes:
+            logger.info(
+                "serving metrics reach %s again after %d failed flushes",
+                self.tracking_uri,
+                self._failed_flushes,
+            )
+        self._failed_flushes = 0
+        self._last_warning = -math.inf
 
     def start(self) -> None:
         """Start the background flush thread.

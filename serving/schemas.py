@@ -7,6 +7,7 @@ are declared here so they show in the OpenAPI schema.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
@@ -23,11 +24,38 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ReloadErrorInfo(BaseModel):
+    """Why the latest reload did not serve the registry's champion."""
+
+    model_version: str | None = Field(
+        description="The version that failed to load; null if the registry "
+        "itself could not be asked."
+    )
+    message: str
+    at: datetime
+
+
 class HealthResponse(BaseModel):
     """The server is up and serving this model version."""
 
     status: Literal["ok"] = "ok"
     model_version: str
+    last_reload_error: ReloadErrorInfo | None = Field(
+        None,
+        description="Set while the latest check of the registry alias failed; "
+        "the model_version above goes on serving meanwhile.",
+    )
+
+
+class ReloadResponse(BaseModel):
+    """The outcome of a forced check of the registry alias."""
+
+    model_version: str = Field(description="The version serving after the check.")
+    previous_version: str
+    changed: bool
+    error: ReloadErrorInfo | None = Field(
+        None, description="Why the champion is not serving, if it is not."
+    )
 
 
 class UserEmbeddingResponse(BaseModel):

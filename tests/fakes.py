@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from models.bundle import ColdUser, Scored
+from serving.registry import ModelRef
 
 
 class FakePredictor:
@@ -20,11 +22,13 @@ class FakePredictor:
     no title.
     """
 
-    version = "7"
     embedding_dim = 8
     user_feature_names = ("gender", "age", "occupation")
 
-    def __init__(self, n_users: int = 20, n_items: int = 40, seed: int = 0) -> None:
+    def __init__(
+        self, n_users: int = 20, n_items: int = 40, seed: int = 0, version: str = "7"
+    ) -> None:
+        self.version = version
         rng = np.random.default_rng(seed)
         self.n_users, self.n_items = n_users, n_items
         shape = (n_users, self.embedding_dim)
@@ -74,6 +78,56 @@ class FakePredictor:
         scores = self.items @ vector
         order = [int(i) for i in np.argsort(-scores, kind="stable") if i not in exclude]
         return [Scored(i, float(scores[i])) for i in order[:k]]
+
+
+class BlockingPredictor(FakePredictor):
+    """A ``FakePredictor`` whose warm recommendations wait for ``release``.
+
+    ``entered`` is set once a request is inside the model, so a test can swap
+    models while that request is in flight.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def recommend_known(self, user_id: int, k: int) -> list[Scored]:
+        self.entered.set()
+        if not self.release.wait(10):
+            raise TimeoutError("the test never released the blocked request")
+        return super().recommend_known(user_id, k)
+
+
+class FakeSource:
+    """A registry stand-in: ``champion_version`` is the alias, movable at will.
+
+    Versions ``"7"``, ``"8"`` and ``"9"`` exist, each a ``FakePredictor`` with
+    its own seed; ``broken`` versions raise on load, ``down`` makes reading the
+    alias raise. Every load is logged in ``loads``.
+    """
+
+    follows = True
+
+    def __init__(self, predictors: dict[str, FakePredictor] | None = None) -> None:
+        self.predictors = predictors or {
+            v: FakePredictor(seed=int(v), version=v) for v in ("7", "8", "9")
+        }
+        self.champion_version = "7"
+        self.broken: set[str] = set()
+        self.down = False
+        self.loads: list[str] = []
+
+    def champion(self) -> ModelRef:
+        if self.down:
+            raise ConnectionError("registry unreachable")
+        return ModelRef(self.champion_version, f"train-{self.champion_version}")
+
+    def load(self, ref: ModelRef) -> FakePredictor:
+        self.loads.append(ref.version)
+        if ref.version in self.broken:
+            raise RuntimeError(f"PytorchStreamReader failed reading v{ref.version}")
+        return self.predictors[ref.version]
 
 
 @dataclass

@@ -8,8 +8,13 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -22,16 +27,29 @@ from pydantic import ValidationError  # noqa: E402
 from models.bundle import ColdUser  # noqa: E402
 from serving.app import LoadedModel, create_app  # noqa: E402
 from serving.config import ServingSettings  # noqa: E402
+from serving.middleware import BodySizeLimit  # noqa: E402
 from serving.registry import find_bundle_dir, resolve_model  # noqa: E402
 from serving.reporter import ServingReporter  # noqa: E402
-from tests.fakes import FakeMlflowClient, FakePredictor  # noqa: E402
+from serving.watcher import ModelWatcher  # noqa: E402
+from tests.fakes import (  # noqa: E402
+    BlockingPredictor,
+    FakeMlflowClient,
+    FakePredictor,
+    FakeSource,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_RUN = "train-run-1"
 
 
-def make_app(predictor: FakePredictor, mlflow_client: FakeMlflowClient, **settings):
-    """An app serving ``predictor`` whose reporter logs to ``mlflow_client``."""
+def make_app(
+    predictor: FakePredictor | None,
+    mlflow_client: FakeMlflowClient,
+    source: FakeSource | None = None,
+    **settings,
+):
+    """An app serving ``predictor`` (or following ``source``) whose reporters
+    log to ``mlflow_client``."""
     settings = ServingSettings(
         tracking_uri="fake://tracking", report_interval_s=3600, **settings
     )
@@ -49,8 +67,9 @@ def make_app(predictor: FakePredictor, mlflow_client: FakeMlflowClient, **settin
 
     return create_app(
         settings,
-        lambda _: LoadedModel(predictor, TRAINING_RUN),
+        None if predictor is None else lambda _: LoadedModel(predictor, TRAINING_RUN),
         reporter_factory=reporter,
+        source=source,
     )
 
 
@@ -94,7 +113,11 @@ COLD = {"features": {"gender": "F", "age": "25"}, "item_ids": [3, 5, 8]}
 def test_healthz_names_model_version(client):
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model_version": "7"}
+    assert response.json() == {
+        "status": "ok",
+        "model_version": "7",
+        "last_reload_error": None,
+    }
 
 
 def test_openapi_documents_every_route_with_schemas(client):
@@ -105,6 +128,7 @@ def test_openapi_documents_every_route_with_schemas(client):
         "/v1/embeddings",
         "/v1/recommendations",
         "/v1/feedback",
+        "/v1/admin/reload",
     }
     feedback = schema["components"]["schemas"]["FeedbackRequest"]
     assert feedback["description"].startswith("What the user saw and clicked")
@@ -330,9 +354,11 @@ def test_metrics_endpoint_exposes_the_same_counts_for_prometheus(client):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert 'emarec_impressions_total{cohort="warm"} 4.0' in text
-    assert 'emarec_clicks_total{cohort="warm"} 0.0' in text
-    assert 'emarec_request_latency_seconds_count{endpoint="recommendations"} 1.0' in text
+    assert 'emarec_impressions_total{cohort="warm",model_version="7"} 4.0' in text
+    assert 'emarec_clicks_total{cohort="warm",model_version="7"} 0.0' in text
+    latency = 'emarec_request_latency_seconds_count{endpoint="recommendations"'
+    assert f'{latency},model_version="7"}} 1.0' in text
+    assert 'emarec_model_info{model_version="7"} 1.0' in text
 
 
 def test_repeated_feedback_is_counted_once(client):
@@ -602,3 +628,350 @@ def test_champion_alias_resolves_to_registered_bundle(sqlite_uri, tmp_path):
     assert (path / "bundle.json").is_file()
     assert path.name == "bundle" and path.parent.name == "artifacts"
     assert (served, served_run) == ("2", run_id)
+
+
+# Following the registry: swaps, rollback, failed loads, per-version reports.
+
+TOKEN = "s3cret-admin-token-for-tests"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def source() -> FakeSource:
+    return FakeSource()
+
+
+@pytest.fixture
+def following(source, mlflow_client):
+    """A client of an app that follows ``source``, with admin enabled."""
+    app = make_app(None, mlflow_client, source, admin_token=TOKEN)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def reload(client: TestClient) -> dict:
+    response = client.post("/v1/admin/reload", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def served_version(client: TestClient) -> str:
+    body = recommend(client, user_id=1, k=3)
+    return body["model_version"]
+
+
+def test_model_responses_name_their_version_in_a_header(client):
+    rid = recommend(client, user_id=1)["recommendation_id"]
+    calls = [
+        client.get("/v1/users/1/embedding"),
+        client.get("/v1/users/999/embedding"),
+        client.post("/v1/embeddings", json={"users": [COLD]}),
+        client.post("/v1/recommendations", json={"user_id": 2}),
+        client.post("/v1/feedback", json={"recommendation_id": rid}),
+    ]
+    for response in calls:
+        assert response.headers["X-Model-Version"] == "7", response.request.url
+    assert "X-Model-Version" not in client.get("/openapi.json").headers
+
+
+def test_reload_swaps_in_the_new_champion(following, source):
+    assert served_version(following) == "7"
+    assert reload(following) == {
+        "model_version": "7",
+        "previous_version": "7",
+        "changed": False,
+        "error": None,
+    }
+    source.champion_version = "8"
+    assert reload(following) == {
+        "model_version": "8",
+        "previous_version": "7",
+        "changed": True,
+        "error": None,
+    }
+    response = following.post("/v1/recommendations", json={"user_id": 1, "k": 3})
+    assert response.json()["model_version"] == "8"
+    assert response.headers["X-Model-Version"] == "8"
+    expected = source.predictors["8"].recommend_known(1, 3)
+    assert [i["item_id"] for i in response.json()["items"]] == [
+        s.item_id for s in expected
+    ]
+    assert following.get("/healthz").json()["model_version"] == "8"
+
+
+def test_rollback_is_served_from_memory(following, source):
+    source.champion_version = "8"
+    reload(following)
+    source.champion_version = "7"
+    assert reload(following)["model_version"] == "7"
+    assert served_version(following) == "7"
+    assert source.loads == ["7", "8"]
+
+
+def test_request_in_flight_finishes_on_the_model_it_started_with(mlflow_client):
+    blocking = BlockingPredictor(version="7")
+    source = FakeSource({"7": blocking, "8": FakePredictor(seed=8, version="8")})
+    app = make_app(None, mlflow_client, source, admin_token=TOKEN)
+    with TestClient(app) as client:
+        result = {}
+
+        def slow_request():
+            result["response"] = client.post(
+                "/v1/recommendations", json={"user_id": 1, "k": 3}
+            )
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        assert blocking.entered.wait(10)
+        source.champion_version = "8"
+        assert reload(client)["model_version"] == "8"
+        blocking.release.set()
+        thread.join(10)
+        response = result["response"]
+        assert response.status_code == 200
+        assert response.json()["model_version"] == "7"
+        assert response.headers["X-Model-Version"] == "7"
+        assert served_version(client) == "8"
+
+
+def test_failed_load_keeps_serving_and_is_reported(following, source, caplog):
+    source.champion_version = "9"
+    source.broken.add("9")
+    with caplog.at_level(logging.WARNING, logger="serving.watcher"):
+        body = reload(following)
+    assert body["model_version"] == "7" and body["changed"] is False
+    assert "loading model version 9 failed" in body["error"]["message"]
+    assert "PytorchStreamReader" in body["error"]["message"]
+    assert "still serving version 7" in caplog.text
+    health = following.get("/healthz").json()
+    assert health["model_version"] == "7"
+    assert health["last_reload_error"]["model_version"] == "9"
+    assert served_version(following) == "7"
+
+    source.broken.clear()
+    assert reload(following)["model_version"] == "9"
+    assert following.get("/healthz").json()["last_reload_error"] is None
+
+
+def test_unreachable_registry_keeps_serving(following, source):
+    source.down = True
+    body = reload(following)
+    assert body["model_version"] == "7"
+    assert body["error"]["model_version"] is None
+    assert "registry unreachable" in body["error"]["message"]
+    assert served_version(following) == "7"
+    source.down = False
+    assert reload(following)["error"] is None
+
+
+def test_background_poll_follows_the_alias(source, mlflow_client):
+    app = make_app(None, mlflow_client, source, poll_interval_s=0.05)
+    with TestClient(app) as client:
+        source.champion_version = "8"
+        deadline = time.monotonic() + 10
+        while client.get("/healthz").json()["model_version"] != "8":
+            assert time.monotonic() < deadline, "the poll never swapped in v8"
+            time.sleep(0.02)
+        assert served_version(client) == "8"
+
+
+def runs_by_version(mlflow_client: FakeMlflowClient) -> dict[str, list[str]]:
+    runs: dict[str, list[str]] = {}
+    for run_id, run in mlflow_client.runs.items():
+        runs.setdefault(run["tags"]["model_version"], []).append(run_id)
+    return runs
+
+
+def final_metric(mlflow_client: FakeMlflowClient, run_id: str, key: str) -> float:
+    batches = [metrics for rid, metrics in mlflow_client.batches if rid == run_id]
+    return {m.key: m.value for m in batches[-1]}[key]
+
+
+def test_feedback_counts_for_the_version_that_recommended(source, mlflow_client):
+    app = make_app(None, mlflow_client, source, admin_token=TOKEN)
+    with TestClient(app) as client:
+        old = recommend(client, user_id=1, k=4)
+        source.champion_version = "8"
+        reload(client)
+        new = recommend(client, user_id=1, k=2)
+        for rec in (old, new):
+            body = {
+                "recommendation_id": rec["recommendation_id"],
+                "clicks": [rec["items"][0]["item_id"]],
+            }
+            response = client.post("/v1/feedback", json=body)
+            assert response.headers["X-Model-Version"] == rec["model_version"]
+    runs = runs_by_version(mlflow_client)
+    [v7], [v8] = runs["7"], runs["8"]
+    assert mlflow_client.runs[v7]["tags"]["model_run_id"] == "train-7"
+    assert mlflow_client.runs[v8]["tags"]["model_run_id"] == "train-8"
+    assert final_metric(mlflow_client, v7, "serving/warm/impressions") == 4
+    assert final_metric(mlflow_client, v8, "serving/warm/impressions") == 2
+    assert final_metric(mlflow_client, v8, "serving/warm/ctr") == pytest.approx(0.5)
+    assert mlflow_client.terminated == {v7: "FINISHED", v8: "FINISHED"}
+
+
+def test_evicted_version_is_reported_and_late_feedback_still_counts(
+    source, mlflow_client
+):
+    app = make_app(None, mlflow_client, source, admin_token=TOKEN, model_cache=1)
+    with TestClient(app) as client:
+        old = recommend(client, user_id=1, k=4)
+        source.champion_version = "8"
+        reload(client)
+        [v7] = runs_by_version(mlflow_client)["7"]
+        deadline = time.monotonic() + 10
+        while v7 not in mlflow_client.terminated:
+            assert time.monotonic() < deadline, "the retired reporter never ended"
+            time.sleep(0.02)
+        body = {"recommendation_id": old["recommendation_id"], "clicks": []}
+        assert client.post("/v1/feedback", json=body).status_code == 200
+    runs = runs_by_version(mlflow_client)["7"]
+    assert len(runs) == 2
+    impressions = [
+        final_metric(mlflow_client, run, "serving/warm/impressions") for run in runs
+    ]
+    assert sum(impressions) == 4
+
+
+def test_watcher_retries_a_broken_version_later_unless_forced():
+    source = FakeSource()
+    watcher = ModelWatcher(source, cache_size=2, poll_interval_s=3600)
+    watcher.start_serving()
+    source.champion_version = "9"
+    source.broken.add("9")
+    assert watcher.check(force=False).error is not None
+    assert watcher.check(force=False).error is not None
+    assert source.loads == ["7", "9"]
+    watcher.check()
+    assert source.loads == ["7", "9", "9"]
+    assert watcher.current.version == "7"
+
+
+def test_cache_keeps_the_last_versions():
+    source = FakeSource()
+    watcher = ModelWatcher(source, cache_size=2, poll_interval_s=3600)
+    watcher.start_serving()
+    for version in ("8", "9", "8"):
+        source.champion_version = version
+        assert watcher.check().model_version == version
+    assert watcher.cached_versions == ("9", "8")
+    assert source.loads == ["7", "8", "9"]
+
+
+# Admin endpoints.
+
+
+def test_admin_is_disabled_without_a_token(client):
+    response = client.post("/v1/admin/reload", headers=ADMIN)
+    assert response.status_code == 403
+    assert "EMAREC_ADMIN_TOKEN" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-of-enough-length"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer caf\u00e9".encode()},
+        {"Authorization": "Bearer"},
+    ],
+)
+def test_admin_needs_the_right_token(following, headers):
+    response = following.post("/v1/admin/reload", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert "EMAREC_ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_admin_token_is_never_shown():
+    settings = ServingSettings(admin_token=TOKEN)
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings.model_dump())
+
+
+def test_short_admin_token_is_rejected():
+    with pytest.raises(ValidationError, match="EMAREC_ADMIN_TOKEN"):
+        ServingSettings(admin_token="short")
+
+
+# Request body size.
+
+
+def test_body_over_the_declared_limit_is_413(predictor, mlflow_client):
+    with TestClient(make_app(predictor, mlflow_client, max_body_bytes=100)) as client:
+        body = {"users": [COLD] * 5}
+        response = client.post("/v1/embeddings", json=body)
+        assert response.status_code == 413
+        assert "limit of 100 bytes" in response.json()["detail"]
+        assert client.post("/v1/embeddings", json={"users": [COLD]}).status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_413(predictor, mlflow_client):
+    with TestClient(make_app(predictor, mlflow_client, max_body_bytes=100)) as client:
+        chunks = [b'{"users": [', b" " * 60, b" " * 60, b"]}"]
+        response = client.post(
+            "/v1/embeddings",
+            content=iter(chunks),
+            headers={"content-type": "application/json"},
+        )
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413
+        assert "limit of 100 bytes" in response.json()["detail"]
+        small = [b'{"users": [', json.dumps(COLD).encode(), b"]}"]
+        response = client.post(
+            "/v1/embeddings",
+            content=iter(small),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 200, response.text
+
+
+def asgi_call(app, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
+    """Drive an ASGI app once with raw headers; returns status and JSON body."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    status = sent[0]["status"]
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [(b"abc", 400), (b"-1", 400), (b"\xb2", 400), (b"9" * 5000, 413), (b"10", 413)],
+)
+def test_unusable_content_length_is_refused_before_reading(length, status):
+    async def never_called(scope, receive, send):
+        raise AssertionError("the app must not see this request")
+
+    app = BodySizeLimit(never_called, max_bytes=5)
+    code, body = asgi_call(app, [(b"content-length", length)], b"x" * 10)
+    assert code == status
+    assert body["detail"]
+
+
+# Start-up.
+
+
+def test_python_m_serving_without_a_loadable_model_exits_with_message(tmp_path):
+    env = {**os.environ, "EMAREC_MODEL_DIR": str(tmp_path), "EMAREC_PORT": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "serving"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no loadable model to serve" in result.stderr
+    assert "bundle.json" in result.stderr

@@ -129,6 +129,19 @@ def test_failed_flush_keeps_counts_and_warns(caplog):
     assert client.batches[-1][1][0].step == 0
 
 
+def test_a_long_outage_warns_once_and_logs_the_recovery(caplog):
+    client = FakeMlflowClient(fail=True)
+    reporter = make_reporter(client=client)
+    with caplog.at_level(logging.DEBUG, logger="serving.reporter"):
+        for _ in range(3):
+            assert not reporter.flush()
+        client.fail = False
+        assert reporter.flush()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "again after 3 failed flushes" in caplog.text
+
+
 def test_stop_without_start_still_flushes_and_ends_run():
     client = FakeMlflowClient()
     reporter = make_reporter(client=client)
