@@ -34,7 +34,10 @@ from pipeline.tracking import tracked_run  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("popularity", "online_teacher", "ema_teacher", "student", "student_int8")
+MODELS = (
+    "popularity", "online_teacher", "ema_teacher", "ema_teacher_adaptive", "student",
+    "student_int8",
+)  # fmt: skip
 COHORTS = ("cold", "warm")
 USERS_PER_CHUNK = 64
 
@@ -202,7 +205,9 @@ def plot_curves(curves: dict, path: Path) -> None:
 def saved_models(folder: Path) -> list[str]:
     """Teachers, every trained student, and the INT8 student if quantized."""
     students = json.loads((folder / "students.json").read_text())
-    names = ["online_teacher", "ema_teacher", *students]
+    teachers_file = folder / "teachers.json"
+    extra = json.loads(teachers_file.read_text()) if teachers_file.is_file() else []
+    names = ["online_teacher", "ema_teacher", *extra, *students]
     return names + (["student_int8"] if (folder / "student_int8.pt").is_file() else [])
 
 

@@ -10,6 +10,7 @@ snapshot. After the teacher's last epoch, the student may take
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -93,6 +94,7 @@ class Trainer:
         prepared: Prepared,
         config: TrainConfig,
         variants: dict[str, StudentVariant] | None = None,
+        adaptive_ema: bool = False,
     ):
         self.prepared, self.config = prepared, config
         torch.manual_seed(config.seed)
@@ -103,6 +105,11 @@ class Trainer:
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
         self.teacher = RecNetwork(self.teacher_config, space.item_tokens)
         self.ema = EMA(self.teacher, config.ema_decay, warmup=config.ema_warmup)
+        self.adaptive_ema = (
+            EMA(self.teacher, config.ema_decay, warmup=config.ema_warmup, adaptive=True)
+            if adaptive_ema
+            else None
+        )
         self.buffer = DoubleBuffer(self.teacher, background=config.background_sync)
         self.buffer.publish(self.ema.shadow, 0)
         self.teacher_opt = torch.optim.Adam(
@@ -169,6 +176,8 @@ class Trainer:
         # The snapshot in flight reads the shadow: let it finish before moving it.
         self.buffer.wait()
         self.ema.step(self.teacher)
+        if self.adaptive_ema is not None:
+            self.adaptive_ema.step(self.teacher)
         if self.ema.num_updates % self.config.sync_interval == 0:
             self.buffer.publish(self.ema.shadow, self.ema.num_updates)
         return loss.item()
@@ -314,6 +323,13 @@ class Trainer:
         save_network(self.teacher, self.teacher_config, folder, "online_teacher")
         with self.buffer.read() as snapshot:
             save_network(snapshot.module, self.teacher_config, folder, "ema_teacher")
+        extra = []
+        if self.adaptive_ema is not None:
+            adaptive = copy.deepcopy(self.teacher)
+            self.adaptive_ema.copy_to(adaptive)
+            save_network(adaptive, self.teacher_config, folder, "ema_teacher_adaptive")
+            extra.append("ema_teacher_adaptive")
+        (folder / "teachers.json").write_text(json.dumps(extra))
         for name, student in self.students.items():
             save_network(student.network, self.student_config, folder, name)
         (folder / "students.json").write_text(json.dumps(list(self.students)))
@@ -335,13 +351,15 @@ def first_items(examples: Examples, count: int) -> np.ndarray:
 
 
 def run_train(
-    config: PipelineConfig, variants: dict[str, StudentVariant] | None = None
+    config: PipelineConfig,
+    variants: dict[str, StudentVariant] | None = None,
+    adaptive_ema: bool = False,
 ) -> dict:
     """Trains on ``work_dir/ingest`` and writes the networks to ``work_dir/model``."""
     prepared = prepare(config.work_dir, config.train.max_history)
     with tracked_run(config):
         mlflow.log_params(flatten("train", config.train.model_dump()))
-        trainer = Trainer(prepared, config.train, variants)
+        trainer = Trainer(prepared, config.train, variants, adaptive_ema)
         summary = trainer.run()
         trainer.save(model_dir(config.work_dir))
         mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
