@@ -173,3 +173,21 @@ class FakeMlflowClient:
     def last_metrics(self) -> dict[str, float]:
         """Metric values of the last logged batch."""
         return {m.key: m.value for m in self.batches[-1][1]}
+
+
+def reporter_factory(mlflow_client):
+    """A ``create_app`` reporter factory whose reporters log to ``mlflow_client``."""
+    from serving.reporter import ServingReporter
+
+    def make(settings, version, run_id):
+        return ServingReporter(
+            tracking_uri=settings.tracking_uri,
+            experiment=settings.serving_experiment,
+            model_name=settings.model_name,
+            model_version=version,
+            model_run_id=run_id,
+            interval_s=settings.report_interval_s,
+            client=mlflow_client,
+        )
+
+    return make

@@ -24,7 +24,7 @@ from serving.cli import replay as replay_from_data  # noqa: E402
 from serving.config import ServingSettings  # noqa: E402
 from serving.replay import ReplayUser, replay  # noqa: E402
 from serving.reporter import ServingReporter  # noqa: E402
-from tests.fakes import FakeMlflowClient, FakePredictor  # noqa: E402
+from tests.fakes import FakeMlflowClient, FakePredictor, reporter_factory  # noqa: E402
 
 
 @dataclass
@@ -45,16 +45,7 @@ def live_server() -> Iterator[LiveServer]:
     predictor, mlflow_client = FakePredictor(), FakeMlflowClient()
     settings = ServingSettings(tracking_uri="fake://tracking", report_interval_s=3600)
 
-    def reporter(settings, version, run_id):
-        return ServingReporter(
-            tracking_uri=settings.tracking_uri,
-            experiment=settings.serving_experiment,
-            model_name=settings.model_name,
-            model_version=version,
-            model_run_id=run_id,
-            interval_s=settings.report_interval_s,
-            client=mlflow_client,
-        )
+    reporter = reporter_factory(mlflow_client)
 
     app = create_app(
         settings, lambda _: LoadedModel(predictor, "train"), reporter_factory=reporter

@@ -29,13 +29,13 @@ from serving.app import LoadedModel, create_app  # noqa: E402
 from serving.config import ServingSettings  # noqa: E402
 from serving.middleware import BodySizeLimit  # noqa: E402
 from serving.registry import find_bundle_dir, resolve_model  # noqa: E402
-from serving.reporter import ServingReporter  # noqa: E402
 from serving.watcher import ModelWatcher  # noqa: E402
 from tests.fakes import (  # noqa: E402
     BlockingPredictor,
     FakeMlflowClient,
     FakePredictor,
     FakeSource,
+    reporter_factory,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +54,7 @@ def make_app(
         tracking_uri="fake://tracking", report_interval_s=3600, **settings
     )
 
-    def reporter(settings, version, run_id):
-        return ServingReporter(
-            tracking_uri=settings.tracking_uri,
-            experiment=settings.serving_experiment,
-            model_name=settings.model_name,
-            model_version=version,
-            model_run_id=run_id,
-            interval_s=settings.report_interval_s,
-            client=mlflow_client,
-        )
+    reporter = reporter_factory(mlflow_client)
 
     return create_app(
         settings,

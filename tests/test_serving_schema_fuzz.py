@@ -23,8 +23,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from serving.app import create_app  # noqa: E402
 from serving.config import ServingSettings  # noqa: E402
-from serving.reporter import ServingReporter  # noqa: E402
-from tests.fakes import FakeMlflowClient, FakeSource  # noqa: E402
+from tests.fakes import FakeMlflowClient, FakeSource, reporter_factory  # noqa: E402
 
 TOKEN = "fuzzing-admin-token-0123456789"
 EXAMPLES_PER_OPERATION = 60
@@ -42,16 +41,7 @@ def fuzzed_app():
         max_batch=8,
     )
 
-    def reporter(settings_, version, run_id):
-        return ServingReporter(
-            tracking_uri=settings_.tracking_uri,
-            experiment=settings_.serving_experiment,
-            model_name=settings_.model_name,
-            model_version=version,
-            model_run_id=run_id,
-            interval_s=settings_.report_interval_s,
-            client=mlflow_client,
-        )
+    reporter = reporter_factory(mlflow_client)
 
     return create_app(settings_, reporter_factory=reporter, source=FakeSource())
 
