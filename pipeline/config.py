@@ -40,6 +40,14 @@ class TrainConfig(BaseModel):
     negatives: int = Field(4, ge=0, le=50, description="sampled unseen items per event")
     ema_decay: float = Field(0.995, gt=0, lt=1)
     ema_warmup: bool = True
+    divergence_threshold: float = Field(
+        1.5,
+        gt=1,
+        description="an EMA valid loss above this times the best so far is divergence",
+    )
+    snapshot_window: int = Field(
+        3, ge=1, description="EMA snapshots kept on disk, with their valid loss"
+    )
     distill_interval: int = Field(10, ge=1, description="teacher steps per student step")
     sync_interval: int = Field(10, ge=1, description="EMA updates per snapshot")
     background_sync: bool = True

@@ -28,6 +28,7 @@ from data.examples import Examples, sample_negatives
 from data.split import ONBOARDING_EVENTS
 from models.distill import DistillWeights, distillation_loss, label_loss
 from models.ema import EMA
+from models.ema_guard import DivergenceGuard, SnapshotWindow
 from models.network import Batch, NetworkConfig, RecNetwork
 from models.snapshot import DoubleBuffer
 from models.store import save_network
@@ -95,6 +96,7 @@ class Trainer:
         config: TrainConfig,
         variants: dict[str, StudentVariant] | None = None,
         adaptive_ema: bool = False,
+        snapshot_dir: Path | None = None,
     ):
         self.prepared, self.config = prepared, config
         torch.manual_seed(config.seed)
@@ -111,7 +113,15 @@ class Trainer:
             else None
         )
         self.buffer = DoubleBuffer(self.teacher, background=config.background_sync)
-        self.buffer.publish(self.ema.shadow, 0)
+        # Shadow writes wait for the snapshot being filled from them.
+        self.ema.write_barrier = self.buffer.wait
+        self.buffer.publish(self.ema.synced_shadow(), 0)
+        self.guard = DivergenceGuard(
+            self.ema, self.buffer, threshold=config.divergence_threshold
+        )
+        self.window = (
+            SnapshotWindow(snapshot_dir, keep=config.snapshot_window) if snapshot_dir else None
+        )
         self.teacher_opt = torch.optim.Adam(
             self.teacher.parameters(), config.lr, weight_decay=config.weight_decay
         )
@@ -175,11 +185,11 @@ class Trainer:
         self.teacher_opt.step()
         # The snapshot in flight reads the shadow: let it finish before moving it.
         self.buffer.wait()
-        self.ema.step(self.teacher)
+        updated = self.ema.step(self.teacher)
         if self.adaptive_ema is not None:
             self.adaptive_ema.step(self.teacher)
-        if self.ema.num_updates % self.config.sync_interval == 0:
-            self.buffer.publish(self.ema.shadow, self.ema.num_updates)
+        if updated and self.ema.num_updates % self.config.sync_interval == 0:
+            self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
         return loss.item()
 
     def cold_style(self, examples: Examples) -> Examples:
@@ -264,7 +274,7 @@ class Trainer:
                 if self.step >= total:
                     break
         self.buffer.wait()
-        self.buffer.publish(self.ema.shadow, self.ema.num_updates)
+        self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
         self.buffer.wait()
         seconds = time.perf_counter() - started
         self.finish_student()
@@ -308,7 +318,18 @@ class Trainer:
                     F.binary_cross_entropy_with_logits(logit, self.valid.label)
                 )
                 values[f"valid/{name}/auc"] = float(roc_auc_score(label, logit.numpy()))
+        values["train/ema_active_decay"] = self.ema.active_decay
         self.curves.add(self.step + self.student_steps, values)
+        ema_loss = values["valid/ema_teacher/log_loss"]
+        if self.window is not None:
+            self.window.save(self.ema, ema_loss, self.ema.num_updates)
+        if not self.guard.check(ema_loss):
+            logger.warning(
+                "EMA teacher diverged at step %d: restored the last good snapshot, "
+                "decay lowered to %.4f",
+                self.step,
+                self.ema.active_decay,
+            )
         logger.info(
             "step %d: valid AUC online %.4f, EMA %.4f, student %.4f",
             self.step,
@@ -333,7 +354,7 @@ class Trainer:
         for name, student in self.students.items():
             save_network(student.network, self.student_config, folder, name)
         (folder / "students.json").write_text(json.dumps(list(self.students)))
-        torch.save(self.ema.state_dict(), folder / "ema_state.pt")
+        torch.save(self.ema.checkpoint(self.teacher, self.teacher_opt), folder / "checkpoint.pt")
         (folder / "curves.json").write_text(json.dumps(self.curves.points))
         self.buffer.close()
 
@@ -359,9 +380,12 @@ def run_train(
     prepared = prepare(config.work_dir, config.train.max_history)
     with tracked_run(config):
         mlflow.log_params(flatten("train", config.train.model_dump()))
-        trainer = Trainer(prepared, config.train, variants, adaptive_ema)
+        folder = model_dir(config.work_dir)
+        trainer = Trainer(
+            prepared, config.train, variants, adaptive_ema, folder / "snapshots"
+        )
         summary = trainer.run()
-        trainer.save(model_dir(config.work_dir))
+        trainer.save(folder)
         mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
     (model_dir(config.work_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -323,3 +323,170 @@ def test_decay_for_steps_is_monotone() -> None:
 def test_decay_for_steps_needs_a_positive_count(steps: int) -> None:
     with pytest.raises(ValueError, match="positive"):
         decay_for_steps(steps)
+
+
+def test_active_decay_caps_the_schedule_and_the_configured_decay_stays() -> None:
+    ema = EMA(make_model(), decay=0.995, warmup=True)
+    ema.num_updates = 2000  # past the ramp, which reaches 0.995 at n = 1791
+    assert ema.current_decay() == 0.995
+    ema.set_active_decay(0.9)
+    ema.num_updates = 5
+    assert ema.current_decay() == pytest.approx(6 / 15), "the ramp below the cap"
+    ema.num_updates = 2000
+    assert ema.current_decay() == 0.9
+    ema.set_active_decay(0.995)
+    ema.set_active_decay(0.99)
+    assert ema.current_decay() == 0.99
+    assert (ema.configured_decay, ema.decay, ema.active_decay) == (0.995, 0.995, 0.99)
+    assert ema.horizon == pytest.approx(100, rel=1e-9)
+    with pytest.raises(ValueError, match="configured"):
+        ema.set_active_decay(0.999)
+    resumed = EMA(make_model(), decay=0.5)
+    resumed.load_state_dict(checkpoint(ema))
+    assert (resumed.configured_decay, resumed.active_decay) == (0.995, 0.99)
+
+
+def test_old_state_without_active_decay_loads() -> None:
+    saved = checkpoint(EMA(make_model(), decay=0.97))
+    for key in ("active_decay", "adaptive", "movement", "adaptive_floor"):
+        del saved[key]
+    resumed = EMA(make_model(), decay=0.5)
+    resumed.load_state_dict(saved)
+    assert resumed.active_decay == 0.97 and not resumed.adaptive
+
+
+def test_swapped_evaluates_with_the_ema_and_restores_the_raw_weights() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    perturb(model, seed=1)
+    ema.update(model)
+    perturb(model, seed=2)
+    raw = float_state(model)
+    with ema.swapped(model) as swapped:
+        assert swapped is model and ema.is_swapped
+        for name, value in ema.shadow.items():
+            assert torch.equal(float_state(model)[name], value), name
+        with pytest.raises(RuntimeError, match="swapped"):
+            ema.update(model)
+        with pytest.raises(RuntimeError, match="swapped"):
+            with ema.swapped(model):
+                pass
+    assert not ema.is_swapped
+    for name, value in raw.items():
+        assert torch.equal(float_state(model)[name], value), name
+    assert ema.num_updates == 1
+
+
+def test_swapped_restores_the_raw_weights_after_an_error() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    perturb(model, seed=1)
+    raw = float_state(model)
+    with pytest.raises(ZeroDivisionError), ema.swapped(model):
+        1 / 0
+    for name, value in raw.items():
+        assert torch.equal(float_state(model)[name], value), name
+
+
+def train(model: Tiny, optimizer, ema: EMA, steps: range) -> None:
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 4, generator=generator)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.step(model)
+
+
+def through_bytes(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_checkpoint_taken_while_swapped_resumes_from_the_raw_weights() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ema = EMA(model, decay=0.8, warmup=True)
+    train(model, optimizer, ema, range(6))
+    raw = float_state(model)
+    with ema.swapped(model):
+        model.eval()
+        model(torch.randn(3, 4))  # an evaluation pass on the EMA weights
+        naive = {k: v.clone() for k, v in model.state_dict().items()}
+        saved = through_bytes(ema.checkpoint(model, optimizer))
+    model.train()
+    assert not torch.equal(naive["fc1.weight"], raw["fc1.weight"]), "the trap"
+    for name, value in raw.items():
+        assert torch.equal(saved["model"][name], value), name
+    train(model, optimizer, ema, range(6, 12))
+
+    resumed = make_model(seed=7)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_ema = EMA(resumed, decay=0.1)
+    resumed_ema.load_state_dict(saved["ema"])
+    train(resumed, resumed_opt, resumed_ema, range(6, 12))
+    for name, value in float_state(model).items():
+        assert torch.equal(float_state(resumed)[name], value), name
+    for name, value in ema.shadow.items():
+        assert torch.equal(resumed_ema.shadow[name], value), name
+    assert resumed.steps.item() == model.steps.item()
+
+
+def test_raw_state_dict_outside_a_swap_is_the_model_state() -> None:
+    model = make_model()
+    ema = EMA(model)
+    state = ema.raw_state_dict(model)
+    assert state.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert "optimizer" not in ema.checkpoint(model)
+
+
+class Many(nn.Module):
+    """Hundreds of small tensors and two large ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.ParameterList(
+            nn.Parameter(torch.randn(1000 + 37 * i)) for i in range(300)
+        )
+        self.large = nn.ParameterList(
+            nn.Parameter(torch.randn(40_000)) for _ in range(2)
+        )
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_many_small_tensors_match_a_reference_loop(adaptive: bool) -> None:
+    torch.manual_seed(0)
+    model = Many()
+    ema = EMA(model, decay=0.99, warmup=False, adaptive=adaptive)
+    reference = float_state(model)
+    for step in range(3):
+        perturb(model, seed=step)
+        decays = ema.tensor_decays() if not adaptive else None
+        ema.update(model)
+        if adaptive:  # the decays this update used, from the movement it saw
+            decays = ema.tensor_decays()
+        for name, p in float_state(model).items():
+            d = decays[name]
+            reference[name] = d * reference[name] + (1 - d) * p
+    for name, expected in reference.items():
+        torch.testing.assert_close(ema.shadow[name], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_cast_in_place_is_paired_again() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    model.to(torch.float64)  # same parameter objects, another dtype
+    with torch.no_grad():
+        model.fc1.weight.fill_(2.0)
+    ema.update(model)
+    assert ema.shadow["fc1.weight"].dtype == torch.float32
+    start = float_state(make_model())["fc1.weight"]
+    torch.testing.assert_close(ema.shadow["fc1.weight"], 0.5 * start + 1.0)

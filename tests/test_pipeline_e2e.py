@@ -47,6 +47,19 @@ def test_training_curves_are_logged_with_steps(pipeline_run):
     assert run.data.params["train.ema_decay"] == "0.995"
 
 
+def test_training_keeps_a_window_of_scored_ema_snapshots(pipeline_run):
+    import torch
+
+    config, _ = pipeline_run
+    folder = config.work_dir / "model" / "snapshots"
+    window = json.loads((folder / "window.json").read_text())
+    assert 1 <= len(window["snapshots"]) <= config.train.snapshot_window
+    last = window["snapshots"][-1]
+    assert last["metric"] is not None and last["metric"] > 0
+    shadow = torch.load(folder / last["file"], weights_only=True)
+    assert any("t_user_id" in name for name in shadow)
+
+
 def test_metrics_cover_every_model_and_cohort(pipeline_run):
     config, results = pipeline_run
     client = MlflowClient(config.tracking_uri)
