@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from data.schema import (
     CLICK_THRESHOLD,
@@ -26,6 +27,28 @@ from data.schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def read_structured(path: Path, option: str):
+    """The content of a JSON or YAML file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} points at {path}, which does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as error:  # yaml and json raise their own error types
+        raise ValueError(f"{option} {path} does not parse: {error}") from None
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "the file"
+    return f"{where}: {first['msg']}"
 
 
 class ColumnMapping(BaseModel):
@@ -53,13 +76,21 @@ class ColumnMapping(BaseModel):
 
     @classmethod
     def from_file(cls, path: Path) -> "ColumnMapping":
-        """Reads a mapping from a JSON or YAML file."""
-        text = Path(path).read_text()
-        if Path(path).suffix in (".yaml", ".yml"):
-            import yaml
+        """Reads a mapping from a JSON or YAML file.
 
-            return cls.model_validate(yaml.safe_load(text))
-        return cls.model_validate(json.loads(text))
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file does not parse, or is not a valid mapping;
+                the message names the file.
+        """
+        raw = read_structured(path, "--mapping")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            allowed = ", ".join(cls.model_fields)
+            raise ValueError(
+                f"--mapping {path}: {_first_error(error)}; the keys are {allowed}"
+            ) from None
 
 
 def read_log(path: Path) -> pd.DataFrame:
@@ -69,10 +100,24 @@ def read_log(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     if path.suffix in (".csv", ".tsv"):
         sep = "\t" if path.suffix == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        try:
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            # A line pandas cannot split stops the whole file, not one row.
+            raise DataLayoutError(
+                path,
+                _line_of(error),
+                f"cannot be read as {path.suffix[1:].upper()}: {error}",
+                "Fix that line (field count, quoting or encoding: UTF-8)",
+            ) from None
     raise DataLayoutError(
         path, 1, f"unknown file type {path.suffix!r}", "Use .parquet, .csv or .tsv"
     )
+
+
+def _line_of(error: Exception) -> int:
+    found = re.search(r"line (\d+)|row (\d+)", str(error))
+    return int(next(g for g in found.groups() if g)) if found else 1
 
 
 def load_generic(path: Path, mapping: ColumnMapping) -> LoadedData:
@@ -164,11 +209,20 @@ def _parse_row(row: dict, mapping: ColumnMapping) -> tuple | str:
     return user_id, item_id, float("nan"), click, timestamp
 
 
+# Ids and timestamps are stored as int64.
+INT64_MAX = 2**63 - 1
+
+
 def _as_int(value) -> int | None:
-    number = _as_float(value)
-    if number is None or number != int(number):
-        return None
-    return int(number)
+    """An integer that fits int64, else None (the row is then quarantined)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value.strip())
+    else:
+        as_float = _as_float(value)
+        if as_float is None or as_float != int(as_float):
+            return None
+        number = int(as_float)
+    return number if -INT64_MAX <= number <= INT64_MAX else None
 
 
 def _as_float(value) -> float | None:
@@ -186,9 +240,14 @@ def _as_timestamp(value) -> int | None:
         return number
     if isinstance(value, pd.Timestamp):
         return int(value.timestamp())
+    text = str(value).strip()
+    # pandas also reads words such as "now" and "today", which would make a
+    # row's time the moment of ingest: only dates written out are accepted.
+    if not text[:4].isdigit():
+        return None
     try:
-        return int(pd.Timestamp(str(value)).timestamp())
-    except (ValueError, TypeError):
+        return int(pd.Timestamp(text).timestamp())
+    except (ValueError, TypeError, OverflowError):
         return None
 
 

@@ -3,7 +3,6 @@ refused with a message naming the key."""
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,13 +102,11 @@ class PipelineConfig(BaseModel):
     @classmethod
     def from_file(cls, path: Path, **overrides) -> "PipelineConfig":
         """Reads JSON or YAML, then applies ``overrides`` (``None`` values skipped)."""
-        text = Path(path).read_text()
-        if Path(path).suffix in (".yaml", ".yml"):
-            import yaml
+        from data.generic import read_structured
 
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
+        raw = read_structured(path, "--config") or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config {path} must hold a mapping of settings")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(raw)
 

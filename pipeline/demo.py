@@ -113,6 +113,6 @@ def run_demo(config: PipelineConfig, port: int | None = None) -> int:
         for name in sorted(serving):
             if name.endswith(("/ctr", "latency_p99_ms")):
                 print(f"           {name} = {serving[name]:.4f}")
-    print(f"demo took {time.monotonic() - started:.0f} s; `mlflow ui --backend-store-uri "
+    print(f"demo took {time.monotonic() - started:.0f} s; `.venv/bin/mlflow ui --backend-store-uri "
           f"{config.tracking_uri}` shows the runs")
     return 0 if replay["errors"] == 0 and serving else 1

@@ -35,6 +35,7 @@ def run_ingest(config: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_loaded(loaded, out)
     events = split_interactions(loaded.interactions)
+    _check_trainable(source, events)
     summary = {
         "source": str(source),
         "rows_in": loaded.rows_in,
@@ -55,6 +56,19 @@ def run_ingest(config: PipelineConfig) -> dict:
         out / "quarantine.parquet",
     )
     return summary
+
+
+def _check_trainable(source: Path, events) -> None:
+    """Refuses data the pipeline cannot train and evaluate on, before it tries."""
+    train = events[(events.cohort == "warm") & (events.split == "train")]
+    tests = {c: int(((events.cohort == c) & (events.split == "test")).sum()) for c in ("warm", "cold")}
+    if len(train) == 0 or 0 in tests.values():
+        raise ValueError(
+            f"{source}: {len(events)} rows kept, {len(train)} warm train rows and "
+            f"test rows {tests}: too little to train and evaluate. Each cohort "
+            "needs users with test events (cold users are user_id % 5 == 0 with "
+            "more than 5 events); see the quarantine file for refused rows"
+        )
 
 
 def write_loaded(loaded: LoadedData, out: Path) -> None:

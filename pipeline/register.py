@@ -93,6 +93,21 @@ def champion_gate(client: MlflowClient, config: PipelineConfig) -> dict | None:
     }
 
 
+def _student_trained(config: PipelineConfig) -> bool:
+    """False (with a warning) when the cold-start student never took a step."""
+    summary = json.loads((model_dir(config.work_dir) / "train_summary.json").read_text())
+    if summary["student_steps"] > 0:
+        return True
+    logger.warning(
+        "the student took no distillation step (%d teacher steps, distill_interval "
+        "%d, student_epochs %d): registering without promoting",
+        summary["teacher_steps"],
+        config.train.distill_interval,
+        config.train.student_epochs,
+    )
+    return False
+
+
 def run_register(config: PipelineConfig) -> dict:
     """Logs and registers the bundle; promotes it if it passes the gate.
 
@@ -120,8 +135,10 @@ def run_register(config: PipelineConfig) -> dict:
             config.model_name, version.version, "training_run_id", run.info.run_id
         )
         current = champion_gate(client, config)
-        promoted = current is None or (
-            gate["cold"] >= current["cold"] and gate["warm"] >= current["warm"]
+        trained = _student_trained(config)
+        promoted = trained and (
+            current is None
+            or (gate["cold"] >= current["cold"] and gate["warm"] >= current["warm"])
         )
         if promoted:
             client.set_registered_model_alias(config.model_name, config.alias, version.version)
@@ -135,7 +152,7 @@ def run_register(config: PipelineConfig) -> dict:
     }
     if promoted:
         logger.info("version %s is now %r", version.version, config.alias)
-    else:
+    elif current is not None:
         logger.warning(
             "version %s kept out of %r: cold %.4f vs %.4f, warm %.4f vs %.4f",
             version.version,

@@ -27,7 +27,7 @@ def format_summary(config: PipelineConfig, results: dict) -> str:
         + (
             f"now {config.alias!r}"
             if register["promoted"]
-            else f"kept out of {config.alias!r} (worse than the champion)"
+            else f"kept out of {config.alias!r} (see the log for why)"
         ),
         f"MLflow     {config.tracking_uri}, experiment {config.experiment!r}",
         f"work dir   {config.work_dir}",

@@ -30,6 +30,15 @@ def tracked_run(config: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(config.tracking_uri)
     mlflow.set_experiment(config.experiment)
     existing = run_id(config.work_dir)
+    if existing is not None:
+        try:
+            mlflow.MlflowClient(config.tracking_uri).get_run(existing)
+        except mlflow.exceptions.MlflowException:
+            raise RuntimeError(
+                f"{config.work_dir} belongs to MLflow run {existing}, which "
+                f"{config.tracking_uri} does not have: use the tracking URI of its "
+                "first step, or a new --work-dir"
+            ) from None
     with mlflow.start_run(run_id=existing) as run:
         if existing is None:
             Path(config.work_dir).mkdir(parents=True, exist_ok=True)

@@ -193,6 +193,10 @@ def test_click_log_has_nan_ratings(tmp_path: Path) -> None:
         ("when", "2021-13-45", "when '2021-13-45' is neither"),
         ("when", "inf", "when 'inf' is neither"),
         ("when", "", "when '' is neither"),
+        ("when", "now", "when 'now' is neither"),
+        ("when", "today", "when 'today' is neither"),
+        ("when", "99999999999999999999", "when '99999999999999999999' is neither"),
+        ("uid", "99999999999999999999", "is not a non-negative integer"),
         ("stars", "6", "stars '6' is not a number from 1 to 5"),
         ("stars", "0", "stars '0' is not a number from 1 to 5"),
         ("stars", "five", "stars 'five' is not a number from 1 to 5"),
@@ -343,5 +347,24 @@ def test_mapping_file_with_an_unknown_key_is_refused(
     path = tmp_path / f"m{suffix}"
     content = {"click": "c", "user_column": "u"}
     path.write_text(json.dumps(content))  # JSON is also valid YAML
-    with pytest.raises(pydantic.ValidationError, match="user_column"):
+    with pytest.raises(ValueError, match=f"--mapping .*m{suffix}.*user_column"):
         ColumnMapping.from_file(path)
+
+
+def test_mapping_file_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("user: u\n  item: : i\n")
+    with pytest.raises(ValueError, match="--mapping .*broken.yaml does not parse"):
+        ColumnMapping.from_file(path)
+
+
+def test_missing_mapping_file_names_the_option(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--mapping points at .*nope.yaml"):
+        ColumnMapping.from_file(tmp_path / "nope.yaml")
+
+
+def test_csv_line_that_cannot_be_split_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("uid,iid,when,stars\n1,2,100,4\n1,3,200,4,extra,fields\n")
+    with pytest.raises(DataLayoutError, match=r"log.csv, line 3: cannot be read as CSV"):
+        load_generic(path, RATED_MAPPING)

@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
+from pipeline.config import PipelineConfig
 from pipeline.run import run_step
 
 from tests.conftest import E2E_MODEL as MODEL
@@ -140,3 +141,25 @@ def test_cli_names_a_missing_data_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["ingest", "--data", str(missing), "--work-dir", str(tmp_path / "w")]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_ingest_refuses_data_too_small_to_train_and_evaluate(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("u,i,t,r\n1,1,1,5\n1,2,2,4\n2,1,3,3\n")
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"user": "u", "item": "i", "timestamp": "t", "rating": "r"}))
+    config = PipelineConfig(data=log, mapping=mapping, work_dir=tmp_path / "w")
+    with pytest.raises(ValueError, match="too little to train and evaluate"):
+        run_step("ingest", config)
+
+
+def test_a_step_with_another_tracking_store_says_so(tmp_path):
+    from pipeline.tracking import tracked_run
+
+    work_dir = tmp_path / "w"
+    work_dir.mkdir()
+    (work_dir / "run.json").write_text(json.dumps({"run_id": "0" * 32}))
+    config = PipelineConfig(work_dir=work_dir, tracking_uri=f"sqlite:///{tmp_path}/x.db")
+    with pytest.raises(RuntimeError, match="use the tracking URI of its first step"):
+        with tracked_run(config):
+            pass
