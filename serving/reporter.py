@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -16,6 +19,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from serving.config import ServingSettings
+from serving.plots import CtrPoint, ctr_by_cohort_png, latency_histogram_png
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,11 @@ RESERVOIR_SIZE = 10_000
 # While the tracking server stays down, repeat the failed-flush warning at most
 # this often; the failures in between are logged at debug level.
 FAILURE_WARNING_EVERY_S = 60.0
+# Flushes kept for the CTR chart: over three days at the default 30 s interval.
+HISTORY_SIZE = 10_000
+PLOT_DIR = "plots"
+CTR_PLOT = "ctr_by_cohort.png"
+LATENCY_PLOT = "latency_histogram.png"
 
 
 class _Latency:
@@ -113,7 +122,10 @@ class ServingReporter:
 
     A background thread flushes every ``interval_s`` seconds and once more at
     :meth:`stop`. The MLflow run is created lazily at the first flush that
-    reaches the tracking server.
+    reaches the tracking server. Each successful flush also logs two charts
+    to the run, overwriting the previous ones: ``plots/ctr_by_cohort.png``
+    (cumulative CTR per cohort over the flushes so far) and
+    ``plots/latency_histogram.png`` (the latency reservoirs).
     """
 
     def __init__(
@@ -163,6 +175,8 @@ class ServingReporter:
         self._step = 0
         self._failed_flushes = 0
         self._last_warning = -math.inf
+        self._history: deque[CtrPoint] = deque(maxlen=HISTORY_SIZE)
+        self._plots_failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -255,7 +269,8 @@ class ServingReporter:
             failures go on).
         """
         with self._flush_lock:
-            metrics = snapshot_metrics(self.snapshot())
+            snapshot = self.snapshot()
+            metrics = snapshot_metrics(snapshot)
             try:
                 run_id = self._ensure_run()
                 timestamp = int(time.time() * 1000)
@@ -271,8 +286,46 @@ class ServingReporter:
                 return False
             self._flush_worked()
             logger.debug("flushed %d metrics at step %d", len(batch), self._step)
+            self._history.append(_ctr_point(snapshot, self._step, timestamp))
+            self._log_plots(run_id, snapshot)
             self._step += 1
             return True
+
+    def _log_plots(self, run_id: str, snapshot: ServingSnapshot) -> None:
+        """Draw both charts and log them to the run, replacing earlier ones.
+
+        A failure is logged and swallowed: the metrics already landed, and the
+        next flush draws the charts again from the full history.
+        """
+        started = time.perf_counter()
+        title = f"{self.model_name} v{self.model_version}"
+        with self._lock:
+            samples = {e: list(lat.samples_ms) for e, lat in self._latency.items()}
+        try:
+            charts = {
+                CTR_PLOT: ctr_by_cohort_png(list(self._history), title=title),
+                LATENCY_PLOT: latency_histogram_png(
+                    samples, snapshot.requests, title=title
+                ),
+            }
+            with tempfile.TemporaryDirectory(prefix="emarec-plots-") as folder:
+                for name, png in charts.items():
+                    path = Path(folder) / name
+                    path.write_bytes(png)
+                    self._client.log_artifact(run_id, str(path), PLOT_DIR)
+        # Charts are a convenience; no failure of theirs may fail the flush.
+        except Exception as exc:
+            self._plots_failed(exc)
+            return
+        self._plots_failing = False
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        logger.debug("logged serving plots in %.0f ms", elapsed_ms)
+
+    def _plots_failed(self, exc: Exception) -> None:
+        # Warn once per run of failures; the metrics still flow meanwhile.
+        log = logger.debug if self._plots_failing else logger.warning
+        self._plots_failing = True
+        log("could not log serving plots to run %s: %s", self._run_id, exc)
 
     def _flush_failed(self, exc: Exception) -> None:
         self._failed_flushes += 1
@@ -379,6 +432,11 @@ class ServingReporter:
             if experiment is None:
                 raise
             return experiment.experiment_id
+
+
+def _ctr_point(snapshot: ServingSnapshot, step: int, timestamp_ms: int) -> CtrPoint:
+    ctr = {c: _ctr(snapshot.clicks[c], snapshot.impressions[c]) for c in COHORTS}
+    return CtrPoint(step, timestamp_ms / 1000.0, ctr, dict(snapshot.impressions))
 
 
 def _percentiles(values: list[float]) -> dict[int, float]:

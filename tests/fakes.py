@@ -6,6 +6,7 @@ import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -139,6 +140,7 @@ class FakeMlflowClient:
     runs: dict[str, dict] = field(default_factory=dict)
     batches: list[tuple[str, list]] = field(default_factory=list)
     terminated: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, bytes]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def _check(self) -> None:
@@ -165,6 +167,13 @@ class FakeMlflowClient:
     def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
         self._check()
         self.batches.append((run_id, list(metrics)))
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path=None) -> None:
+        """Keep the file's bytes under ``artifacts[run_id]["<dir>/<name>"]``."""
+        self._check()
+        name = Path(local_path).name
+        key = f"{artifact_path}/{name}" if artifact_path else name
+        self.artifacts.setdefault(run_id, {})[key] = Path(local_path).read_bytes()
 
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         self._check()

@@ -267,3 +267,19 @@ def test_unreachable_server_keeps_counts_for_later_live_flush(
     assert history(client, run_id, "serving/cold/clicks") == [(0, 5), (1, 5)]
     assert run.data.metrics["serving/impressions"] == 20
     assert "model_run_id" not in run.data.tags
+
+
+@pytest.mark.slow
+def test_flushes_log_both_charts_to_the_serving_run(mlflow_uri, tmp_path):
+    reporter = make_reporter(mlflow_uri)
+    record_traffic(reporter)
+    assert reporter.flush()
+    reporter.record_feedback("cold", impressions=5, clicks=2)
+    reporter.stop()
+    client = mlflow.MlflowClient(mlflow_uri)
+    listed = {a.path for a in client.list_artifacts(reporter.run_id, "plots")}
+    assert listed == {"plots/ctr_by_cohort.png", "plots/latency_histogram.png"}
+    local = client.download_artifacts(reporter.run_id, "plots", str(tmp_path))
+    for name in ("ctr_by_cohort.png", "latency_histogram.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), f"{local}/{name} is no PNG"
