@@ -182,7 +182,11 @@ class ServingReporter:
 
     @classmethod
     def from_settings(
-        cls, settings: ServingSettings, model_version: str, model_run_id: str | None
+        cls,
+        settings: ServingSettings,
+        model_version: str,
+        model_run_id: str | None,
+        client: Any = None,
     ) -> ServingReporter:
         """Build a reporter from serving settings.
 
@@ -190,6 +194,8 @@ class ServingReporter:
             settings: serving settings (tracking URI, experiment, interval).
             model_version: served model version.
             model_run_id: training run of that version, if known.
+            client: an ``MlflowClient``-like object; built from the settings
+                when ``None``.
 
         Returns:
             An unstarted reporter.
@@ -201,6 +207,7 @@ class ServingReporter:
             model_version=model_version,
             model_run_id=model_run_id,
             interval_s=settings.report_interval_s,
+            client=client,
         )
 
     @property

@@ -189,14 +189,6 @@ def reporter_factory(mlflow_client):
     from serving.reporter import ServingReporter
 
     def make(settings, version, run_id):
-        return ServingReporter(
-            tracking_uri=settings.tracking_uri,
-            experiment=settings.serving_experiment,
-            model_name=settings.model_name,
-            model_version=version,
-            model_run_id=run_id,
-            interval_s=settings.report_interval_s,
-            client=mlflow_client,
-        )
+        return ServingReporter.from_settings(settings, version, run_id, mlflow_client)
 
     return make
