@@ -541,16 +541,20 @@ def test_unknown_setting_is_rejected():
         ServingSettings(max_kk=3)
 
 
-def test_python_m_serving_rejects_bad_settings_with_message(tmp_path):
-    env = {**os.environ, "EMAREC_REPORT_INTERVAL_S": "-1"}
-    result = subprocess.run(
+def run_python_m_serving(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m serving`` with extra environment, expected to exit by itself."""
+    return subprocess.run(
         [sys.executable, "-m", "serving"],
         cwd=REPO,
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
+
+
+def test_python_m_serving_rejects_bad_settings_with_message(tmp_path):
+    result = run_python_m_serving({"EMAREC_REPORT_INTERVAL_S": "-1"})
     assert result.returncode != 0
     assert "EMAREC_REPORT_INTERVAL_S" in result.stderr
 
@@ -954,15 +958,7 @@ def test_unusable_content_length_is_refused_before_reading(length, status):
 
 
 def test_python_m_serving_without_a_loadable_model_exits_with_message(tmp_path):
-    env = {**os.environ, "EMAREC_MODEL_DIR": str(tmp_path), "EMAREC_PORT": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "serving"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python_m_serving({"EMAREC_MODEL_DIR": str(tmp_path), "EMAREC_PORT": "1"})
     assert result.returncode != 0
     assert "no loadable model to serve" in result.stderr
     assert "bundle.json" in result.stderr
