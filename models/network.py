@@ -69,6 +69,18 @@ class Output:
     attention: torch.Tensor  # [B, L], zero past the history length
 
 
+def _in_order(pooled, keys: list[str]) -> torch.Tensor:
+    """A ``KeyedTensor``'s values with the features in ``keys`` order.
+
+    A sharded collection returns its features grouped by the rank holding
+    them, not in the order the tables were declared.
+    """
+    if list(pooled.keys()) == list(keys):
+        return pooled.values()
+    values = pooled.to_dict()
+    return torch.cat([values[k] for k in keys], 1)
+
+
 def rank_score(logits: torch.Tensor) -> torch.Tensor:
     """``log P(interact) + log P(like)`` from ``[..., 2]`` (like, interact) logits."""
     return F.logsigmoid(logits).sum(-1)
@@ -186,7 +198,7 @@ class RecNetwork(nn.Module):
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.item_keys, values=torch.cat(values), lengths=torch.cat(lengths)
         )
-        pooled = self.item_tables(kjt).values()  # [M, K * D]
+        pooled = _in_order(self.item_tables(kjt), self.item_keys)  # [M, K * D]
         return self.item_proj(pooled).reshape(*item_idx.shape, -1)
 
     def user_inputs(self, user_idx: torch.Tensor, user_feats: torch.Tensor) -> torch.Tensor:
@@ -198,7 +210,7 @@ class RecNetwork(nn.Module):
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.user_keys, values=values, lengths=torch.ones_like(values)
         )
-        return self.user_tables(kjt).values()
+        return _in_order(self.user_tables(kjt), self.user_keys)
 
     def encode_user(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the user embedding ``[B, D]``, history vectors ``[B, L, D]`` and

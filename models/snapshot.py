@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,12 +39,24 @@ class DoubleBuffer:
     Args:
         template: a module of the teacher's structure; copied for each slot.
         background: fill the back slot on a worker thread.
+        factory: makes a slot's module instead of copying ``template`` (a
+            sharded teacher cannot be deep-copied; its snapshots are sharded
+            the same way and each rank fills its own shards).
     """
 
-    def __init__(self, template: nn.Module, background: bool = True):
-        self._template = copy.deepcopy(template).eval().requires_grad_(False)
-        self._front = Snapshot(copy.deepcopy(self._template))
-        self._back = Snapshot(copy.deepcopy(self._template))
+    def __init__(
+        self,
+        template: nn.Module,
+        background: bool = True,
+        factory: Callable[[], nn.Module] | None = None,
+    ):
+        if factory is None:
+            self._template = copy.deepcopy(template).eval().requires_grad_(False)
+            factory = lambda: copy.deepcopy(self._template)  # noqa: E731
+        # Fused tables' weights are views, not leaves: readers use no_grad.
+        self._factory = lambda: factory().eval()
+        self._front = Snapshot(self._factory())
+        self._back = Snapshot(self._factory())
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, "snapshot") if background else None
         self._pending: Future | None = None
@@ -52,6 +64,11 @@ class DoubleBuffer:
     @property
     def version(self) -> int:
         return self._front.version
+
+    @property
+    def num_updates(self) -> int:
+        """The EMA update count of the front snapshot's weights."""
+        return self._front.num_updates
 
     def publish(self, shadow: dict[str, torch.Tensor], num_updates: int) -> None:
         """Starts filling the back slot from ``shadow`` and swaps it in when full.
@@ -64,7 +81,7 @@ class DoubleBuffer:
             slot = self._back
             if slot.leases:
                 # A reader still holds the old front: leave it to them.
-                slot = Snapshot(copy.deepcopy(self._template))
+                slot = Snapshot(self._factory())
             version = self._front.version + 1
         if self._executor is None:
             self._fill_and_swap(slot, shadow, version, num_updates)
@@ -83,7 +100,8 @@ class DoubleBuffer:
     def _fill_and_swap(
         self, slot: Snapshot, shadow: dict[str, torch.Tensor], version: int, n: int
     ) -> None:
-        state = slot.module.state_dict(keep_vars=True)
+        state = dict(slot.module.named_parameters())
+        state.update(slot.module.named_buffers())
         targets = [state[name] for name in shadow]
         torch._foreach_copy_(targets, list(shadow.values()))
         slot.version, slot.num_updates = version, n

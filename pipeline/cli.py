@@ -29,6 +29,11 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-steps", type=int, help="stop the teacher after N steps")
     group.add_argument("--student-epochs", type=int, help="extra distillation epochs")
     group.add_argument("--seed", type=int)
+    group.add_argument(
+        "--nproc", type=int, help="train in N TorchRec-sharded processes (torchrun)"
+    )
+    group.add_argument("--sharding", help="table_wise, column_wise or row_wise (CUDA)")
+    group.add_argument("--checkpoint-every", type=int, help="teacher steps per checkpoint")
 
 
 def build_config(args: argparse.Namespace) -> PipelineConfig:
@@ -44,6 +49,9 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         "max_steps": args.max_steps,
         "student_epochs": args.student_epochs,
         "seed": args.seed,
+        "nproc": args.nproc,
+        "sharding": args.sharding,
+        "checkpoint_every": args.checkpoint_every,
     }
     raw.setdefault("train", {}).update({k: v for k, v in train.items() if v is not None})
     if args.work_dir and (args.work_dir / "config.json").is_file() and not args.config:
@@ -69,7 +77,12 @@ def cmd_step(args) -> int:
     from pipeline.run import run_step
 
     config = build_config(args)
-    result = run_step(args.command, config)
+    if args.command == "train":
+        from pipeline.train import run_train
+
+        result = run_train(config, resume=args.resume)
+    else:
+        result = run_step(args.command, config)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -103,6 +116,29 @@ def cmd_replay(args) -> int:
     return 0 if summary["errors"] == 0 else 1
 
 
+def _count(text: str) -> int:
+    """``100M``, ``10k``, ``1.5G`` or a plain integer."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in scale:
+            return int(float(text[:-1]) * scale[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count like 100M or 5000")
+
+
+def cmd_plan(args) -> int:
+    from pipeline.plan import format_plan, plan_memory
+
+    plan, ranks, dense = plan_memory(
+        args.users, args.items, args.dim, args.world_size, args.sharding,
+        batch_size=args.batch_size, history=args.history, hbm_gb=args.hbm_gb,
+    )  # fmt: skip
+    print(format_plan(plan, ranks, dense, args.hbm_gb))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -122,6 +158,10 @@ def make_parser() -> argparse.ArgumentParser:
     for name in STEP_NAMES:
         step = commands.add_parser(name, help=f"only the {name} step of a run")
         _pipeline_options(step)
+        if name == "train":
+            step.add_argument(
+                "--resume", action="store_true", help="continue from the last checkpoint"
+            )
         step.set_defaults(func=cmd_step)
 
     report = commands.add_parser(
@@ -145,6 +185,19 @@ def make_parser() -> argparse.ArgumentParser:
     replay.add_argument("--limit", type=int, help="at most N users")
     replay.add_argument("--k", type=int, default=10)
     replay.set_defaults(func=cmd_replay)
+
+    plan = commands.add_parser(
+        "plan", help="sharding plan and per-rank memory for sizes past this machine"
+    )
+    plan.add_argument("--users", type=_count, required=True, help="e.g. 100M")
+    plan.add_argument("--items", type=_count, required=True, help="e.g. 10M")
+    plan.add_argument("--dim", type=int, default=128)
+    plan.add_argument("--world-size", type=int, required=True, help="GPUs in all")
+    plan.add_argument("--sharding", default="auto", help="auto, table_wise, row_wise, ...")
+    plan.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
+    plan.add_argument("--batch-size", type=_count, default=65536, help="global batch")
+    plan.add_argument("--history", type=int, default=20, help="history items per example")
+    plan.set_defaults(func=cmd_plan)
 
     demo = commands.add_parser("demo", help="pipeline, server, replay, stop")
     _pipeline_options(demo)

@@ -7,7 +7,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -65,6 +65,20 @@ class TrainConfig(BaseModel):
     distill_attention: float = Field(1.0, ge=0)
     distill_click: float = Field(1.0, ge=0)
     quantize_dense: str = "auto"
+    nproc: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="0: train in this process; N: N TorchRec-sharded processes "
+        "(torchrun), table optimizer fused row-wise Adagrad",
+    )
+    sharding: str = "table_wise"
+    table_lr: float = Field(
+        0.05, gt=0, lt=10, description="fused row-wise Adagrad rate of sharded tables"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="teacher steps between checkpoints (0: only at the end)"
+    )
 
     @field_validator("ema_decay")
     @classmethod
@@ -75,6 +89,28 @@ class TrainConfig(BaseModel):
                 "close to 1, e.g. 0.995 for recommenders"
             )
         return value
+
+    @field_validator("sharding")
+    @classmethod
+    def _sharding_choice(cls, value: str) -> str:
+        if value not in ("table_wise", "column_wise", "row_wise"):
+            raise ValueError(
+                f"sharding must be table_wise, column_wise or row_wise (CUDA only), "
+                f"not {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoint_on_sync(self) -> "TrainConfig":
+        every = self.checkpoint_every
+        for name in ("distill_interval", "sync_interval"):
+            if every % getattr(self, name):
+                raise ValueError(
+                    f"checkpoint_every {every} must be a multiple of {name} "
+                    f"{getattr(self, name)}: a checkpoint is taken where a "
+                    "snapshot was just published and no student batch is pending"
+                )
+        return self
 
     @field_validator("quantize_dense")
     @classmethod

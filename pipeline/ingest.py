@@ -82,8 +82,19 @@ def write_loaded(loaded: LoadedData, out: Path) -> None:
     (out / "features.json").write_text(json.dumps(meta))
 
 
-def read_ingested(work_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Interactions, users, items and the feature description written by ingest."""
+def interactions_path(work_dir: Path) -> Path:
+    return ingest_dir(work_dir) / "interactions.parquet"
+
+
+def read_ingested(
+    work_dir: Path, users: list[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Interactions, users, items and the feature description written by ingest.
+
+    Args:
+        users: read only these users' interactions (a rank's part of a sharded
+            run), through a Parquet filter; every user by default.
+    """
     out = ingest_dir(work_dir)
     if not (out / "interactions.parquet").is_file():
         raise FileNotFoundError(
@@ -94,7 +105,10 @@ def read_ingested(work_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     for name in meta["item_features"]:
         items[name] = items[name].map(list)
     return (
-        pd.read_parquet(out / "interactions.parquet"),
+        pd.read_parquet(
+            out / "interactions.parquet",
+            filters=None if users is None else [("user_id", "in", users)],
+        ),
         pd.read_parquet(out / "users.parquet"),
         items,
         meta,

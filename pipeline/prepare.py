@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from data.examples import Examples, RankingUser, build_examples, ranking_users
 from data.features import FeatureSpace
-from data.split import split_interactions
-from pipeline.ingest import read_ingested
+from data.split import is_cold, split_interactions
+from pipeline.ingest import interactions_path, read_ingested
 
 
 @dataclass
@@ -40,16 +41,33 @@ class Prepared:
         return ranking_users(self.events, self.examples)
 
 
-def prepare(work_dir: Path, max_history: int, space: FeatureSpace | None = None) -> Prepared:
+def prepare(
+    work_dir: Path,
+    max_history: int,
+    space: FeatureSpace | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Prepared:
     """Splits the ingested events and encodes them.
 
     Args:
         space: vocabularies to reuse (a trained model's); built afresh if None.
+        shard: ``(rank, world_size)``: keep every ``world_size``-th user from
+            the ``rank``-th, reading only their interactions. The vocabularies
+            still cover every user, from the interactions' user-id column.
     """
-    interactions, users, items, meta = read_ingested(work_dir)
+    rank, world = shard
+    part = None
+    if world > 1:
+        column = pq.read_table(interactions_path(work_dir), columns=["user_id"])
+        ids = np.unique(column.column("user_id").to_numpy())  # sorted
+        part = ids[rank::world].tolist()
+    interactions, users, items, meta = read_ingested(work_dir, part)
     events = split_interactions(interactions)
     if space is None:
-        warm = events.loc[events.cohort == "warm", "user_id"].unique()
+        if part is None:
+            warm = events.loc[events.cohort == "warm", "user_id"].unique()
+        else:
+            warm = ids[~is_cold(ids)]
         space = FeatureSpace.build(
             users, items, meta["user_features"], meta["item_features"], warm.tolist()
         )

@@ -10,9 +10,15 @@ snapshot. After the teacher's last epoch, the student may take
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +26,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch import nn
 from tqdm import tqdm
 
 from data.examples import Examples, sample_negatives
@@ -30,6 +38,7 @@ from models.distill import DistillWeights, distillation_loss, label_loss
 from models.ema import EMA
 from models.ema_guard import DivergenceGuard, SnapshotWindow
 from models.network import Batch, NetworkConfig, RecNetwork
+from models.sharding import LocalPlacement
 from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
@@ -50,11 +59,13 @@ class Curves:
     """Training curves, also logged to MLflow with steps."""
 
     points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    log: bool = True  # to MLflow; only one rank of a sharded run logs
 
     def add(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.points.setdefault(name, []).append((step, float(value)))
-        mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        if self.log:
+            mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,9 @@ class Trainer:
         variants: students to train side by side on the same batches, by name;
             by default the one product student, distilled from the EMA teacher
             with the configured weights.
+        placement: where the networks live (``models.sharding``); this process
+            by default. Under a sharded placement ``prepared`` holds this
+            rank's users only, and every rank builds the same Trainer.
     """
 
     def __init__(
@@ -97,33 +111,56 @@ class Trainer:
         variants: dict[str, StudentVariant] | None = None,
         adaptive_ema: bool = False,
         snapshot_dir: Path | None = None,
+        placement=None,
     ):
         self.prepared, self.config = prepared, config
+        self.placement = placement or LocalPlacement()
         torch.manual_seed(config.seed)
-        self.rng = np.random.default_rng(config.seed)
         dims = {"embedding_dim": config.embedding_dim, "hidden_dim": config.hidden_dim}
         space = prepared.space
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
-        self.teacher = RecNetwork(self.teacher_config, space.item_tokens)
-        self.ema = EMA(self.teacher, config.ema_decay, warmup=config.ema_warmup)
+        self.teacher = self._network(self.teacher_config)
+        self.train_examples = prepared.select("warm", "train")
+        if self.placement.sharded:
+            # TorchRec's sharded tables add a buffer at their first forward:
+            # make it before the EMA pairs the teacher's tensors by name. Past
+            # DDP (``.module``), whose static graph is the first training step's.
+            with torch.no_grad():
+                batch = Batch.from_examples(self.train_examples.take(np.arange(2)))
+                self.teacher.module(batch)
+        self.ema = EMA(
+            self.teacher,
+            config.ema_decay,
+            warmup=config.ema_warmup,
+            lazy_tables=self.placement.lazy_tables(self.teacher),
+        )
+        if adaptive_ema and self.placement.sharded:
+            raise ValueError("the adaptive EMA comparison runs unsharded only")
         self.adaptive_ema = (
             EMA(self.teacher, config.ema_decay, warmup=config.ema_warmup, adaptive=True)
             if adaptive_ema
             else None
         )
-        self.buffer = DoubleBuffer(self.teacher, background=config.background_sync)
+        factory = None
+        if self.placement.sharded:
+            factory = lambda: self._network(self.teacher_config, trainable=False)  # noqa: E731
+        self.buffer = DoubleBuffer(
+            self.teacher, background=config.background_sync, factory=factory
+        )
         # Shadow writes wait for the snapshot being filled from them.
         self.ema.write_barrier = self.buffer.wait
         self.buffer.publish(self.ema.synced_shadow(), 0)
         self.guard = DivergenceGuard(
             self.ema, self.buffer, threshold=config.divergence_threshold
         )
+        if snapshot_dir is not None and self.placement.world_size > 1:
+            snapshot_dir = Path(snapshot_dir) / f"rank-{self.placement.rank}"
         self.window = (
             SnapshotWindow(snapshot_dir, keep=config.snapshot_window) if snapshot_dir else None
         )
-        self.teacher_opt = torch.optim.Adam(
-            self.teacher.parameters(), config.lr, weight_decay=config.weight_decay
+        self.teacher_opt = self.placement.optimizer(
+            self.teacher, config.lr, weight_decay=config.weight_decay
         )
         weights = DistillWeights(
             config.distill_label,
@@ -133,44 +170,66 @@ class Trainer:
         )
         variants = variants or {MAIN_STUDENT: StudentVariant(weights)}
         self.students = {name: self._student(v) for name, v in variants.items()}
-        self.train_examples = prepared.select("warm", "train")
         self.valid = Batch.from_examples(prepared.select("warm", "valid"))
         self.seen = prepared.seen_in_train()
         self.first_items = first_items(self.train_examples, ONBOARDING_EVENTS)
-        self.curves = Curves()
+        self.curves = Curves(log=self.placement.is_writer)
         self.step = 0
         self.student_steps = 0
+
+    def _network(self, config: NetworkConfig, trainable: bool = True) -> nn.Module:
+        network = RecNetwork(config, self.prepared.space.item_tokens)
+        return self.placement.wrap(network, trainable)
 
     def _student(self, variant: StudentVariant) -> Student:
         if variant.source not in ("ema", "online"):
             raise ValueError(f"student source must be ema or online, not {variant.source!r}")
-        network = RecNetwork(self.student_config, self.prepared.space.item_tokens)
-        optimizer = torch.optim.Adam(network.parameters(), self.config.student_lr)
+        network = self._network(self.student_config)
+        optimizer = self.placement.optimizer(network, self.config.student_lr)
         return Student(network, optimizer, variant)
+
+    def _rng(self, *stream: int) -> np.random.Generator:
+        """A generator of its own per use (epoch, student step) and rank, so a
+        resumed run draws what the uninterrupted run would have."""
+        return np.random.default_rng([self.config.seed, self.placement.rank, *stream])
 
     @property
     def student(self) -> RecNetwork:
         return next(iter(self.students.values())).network
 
-    def epoch_examples(self) -> Examples:
+    def epoch_examples(self, epoch: int) -> Examples:
+        """This rank's rows of one epoch, shuffled, with fresh negatives.
+
+        Every rank gets as many rows as the rank with the most: the others go
+        round their rows again, so all ranks take the same number of steps.
+        """
+        rng = self._rng(0, epoch)
         negatives = sample_negatives(
             self.train_examples,
             self.prepared.space.num_items,
             self.seen,
             self.config.negatives,
-            self.rng,
+            rng,
         )
         examples = Examples.concat([self.train_examples, negatives])
-        return examples.take(self.rng.permutation(len(examples)))
+        order = rng.permutation(len(examples))
+        return examples.take(np.resize(order, self._epoch_rows()))
+
+    def _epoch_rows(self) -> int:
+        rows = len(self.train_examples) * (1 + self.config.negatives)
+        return self.placement.max_int(rows)
+
+    def batch_rows(self) -> int:
+        """Rows per step on this rank: ``batch_size`` is the global batch."""
+        return max(1, self.config.batch_size // self.placement.world_size)
 
     def batches(self, examples: Examples):
-        size = self.config.batch_size
+        size = self.batch_rows()
         for start in range(0, len(examples), size):
             yield examples.take(np.arange(start, min(start + size, len(examples))))
 
     def steps_per_epoch(self) -> int:
-        rows = len(self.train_examples) * (1 + self.config.negatives)
-        return -(-rows // self.config.batch_size)
+        return -(-self._epoch_rows() // self.batch_rows())
 
     def planned_steps(self) -> int:
         total = self.steps_per_epoch() * self.config.epochs
@@ -178,7 +237,10 @@ class Trainer:
 
     def teacher_step(self, batch: Batch) -> float:
         self.teacher.train()
-        out = self.teacher(batch)
+        with self.placement.touched_rows(self.teacher) as touched:
+            out = self.teacher(batch)
+        # Fused table optimizers step inside backward: catch the rows up first.
+        self.ema.prepare(touched)
         loss = label_loss(out, batch.label, batch.rated)
         self.teacher_opt.zero_grad()
         loss.backward()
@@ -201,9 +263,9 @@ class Trainer:
         cut history still only holds the past.
         """
         share = self.config.cold_history_share
+        rng = self._rng(1, self.student_steps)
         rows = np.flatnonzero(
-            (examples.history_len > ONBOARDING_EVENTS)
-            & (self.rng.random(len(examples)) < share)
+            (examples.history_len > ONBOARDING_EVENTS) & (rng.random(len(examples)) < share)
         )
         if len(rows) == 0:
             return examples
@@ -245,14 +307,32 @@ class Trainer:
             "distill/snapshot_version": version,
         }
 
-    def run(self) -> dict:
+    def run(self, checkpoints: Path | None = None) -> dict:
+        """Trains from step ``self.step`` (0, or where a checkpoint left off).
+
+        Args:
+            checkpoints: where to write a checkpoint every
+                ``config.checkpoint_every`` teacher steps; none without it.
+        """
         total = self.planned_steps()
+        per_epoch = self.steps_per_epoch()
         pending: list[Examples] = []
         terms: dict[str, float] = {}
-        started = time.perf_counter()
-        with tqdm(total=total, desc="train teacher", unit="step") as bar:
-            for epoch in range(self.config.epochs):
-                for examples in self.batches(self.epoch_examples()):
+        started, start_step = time.perf_counter(), self.step
+        every = self.config.checkpoint_every
+        bar = tqdm(
+            total=total, initial=self.step, desc="train teacher", unit="step",
+            disable=not self.placement.is_writer,
+        )
+        if self.step and self.step % per_epoch == 0:
+            # Resumed at the end of an epoch: validate as the first run did next.
+            self.log_validation()
+        with bar:
+            for epoch in range(self.step // per_epoch, self.config.epochs):
+                skip = self.step - epoch * per_epoch
+                for i, examples in enumerate(self.batches(self.epoch_examples(epoch))):
+                    if i < skip:
+                        continue
                     loss = self.teacher_step(Batch.from_examples(examples))
                     self.step += 1
                     pending.append(examples)
@@ -266,11 +346,14 @@ class Trainer:
                             **terms,
                         }
                         self.curves.add(self.step, values)
+                    if checkpoints is not None and every and self.step % every == 0:
+                        self.save_checkpoint(checkpoints)
                     bar.update()
                     bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
                     if self.step >= total:
                         break
-                self.log_validation()
+                if self.step % per_epoch == 0 or self.step >= total:
+                    self.log_validation()
                 if self.step >= total:
                     break
         self.buffer.wait()
@@ -283,7 +366,10 @@ class Trainer:
             "student_steps": self.student_steps,
             "snapshot_version": self.buffer.version,
             "train_seconds": round(seconds, 2),
-            "teacher_steps_per_second": round(self.step / max(seconds, 1e-9), 2),
+            "teacher_steps_per_second": round(
+                (self.step - start_step) / max(seconds, 1e-9), 2
+            ),
+            "world_size": self.placement.world_size,
         }
 
     def finish_student(self) -> None:
@@ -291,9 +377,14 @@ class Trainer:
         if not self.config.student_epochs:
             return
         steps = self.config.student_epochs * self.steps_per_epoch()
-        with tqdm(total=steps, desc="distill student", unit="step") as bar:
-            for _ in range(self.config.student_epochs):
-                for examples in self.batches(self.epoch_examples()):
+        bar = tqdm(
+            total=steps, desc="distill student", unit="step",
+            disable=not self.placement.is_writer,
+        )
+        with bar:
+            for epoch in range(self.config.student_epochs):
+                examples_of_epoch = self.epoch_examples(self.config.epochs + epoch)
+                for examples in self.batches(examples_of_epoch):
                     terms = self.student_step(examples)
                     if self.student_steps % LOG_EVERY == 0:
                         self.curves.add(self.step + self.student_steps, terms)
@@ -302,8 +393,12 @@ class Trainer:
 
     @torch.no_grad()
     def log_validation(self) -> None:
-        """Valid loss and AUC of the online teacher, the EMA teacher and the student."""
-        label = self.valid.label.numpy()
+        """Valid loss and AUC of the online teacher, the EMA teacher and the student.
+
+        Under a sharded placement each rank scores its own users and every
+        rank judges the gathered scores, so all take the same guard decision.
+        """
+        label = self.placement.gather(self.valid.label.numpy())
         values = {}
         with self.buffer.read() as snapshot:
             models = {
@@ -313,11 +408,13 @@ class Trainer:
             }
             for name, model in models.items():
                 model.eval()
-                logit = model(self.valid).logit
+                logit = self.placement.gather(model(self.valid).logit.numpy())
                 values[f"valid/{name}/log_loss"] = float(
-                    F.binary_cross_entropy_with_logits(logit, self.valid.label)
+                    F.binary_cross_entropy_with_logits(
+                        torch.from_numpy(logit), torch.from_numpy(label)
+                    )
                 )
-                values[f"valid/{name}/auc"] = float(roc_auc_score(label, logit.numpy()))
+                values[f"valid/{name}/auc"] = float(roc_auc_score(label, logit))
         values["train/ema_active_decay"] = self.ema.active_decay
         self.curves.add(self.step + self.student_steps, values)
         ema_loss = values["valid/ema_teacher/log_loss"]
@@ -339,11 +436,27 @@ class Trainer:
         )
 
     def save(self, folder: Path) -> None:
+        """Writes every network whole, from rank 0; every rank must call."""
+        networks = {"online_teacher": (self.teacher, self.teacher_config)}
+        with self.buffer.read() as snapshot:
+            networks["ema_teacher"] = (snapshot.module, self.teacher_config)
+            for name, student in self.students.items():
+                networks[name] = (student.network, self.student_config)
+            tokens = self.prepared.space.item_tokens
+            whole = {
+                name: self.placement.unshard(module, config, tokens)
+                for name, (module, config) in networks.items()
+            }
+        if self.placement.sharded:
+            self.save_checkpoint(folder / "checkpoints")
+        if not self.placement.is_writer:
+            self.buffer.close()
+            return
         folder.mkdir(parents=True, exist_ok=True)
         self.prepared.space.save(folder / "space.json")
-        save_network(self.teacher, self.teacher_config, folder, "online_teacher")
-        with self.buffer.read() as snapshot:
-            save_network(snapshot.module, self.teacher_config, folder, "ema_teacher")
+        for name, network in whole.items():
+            config = self.student_config if name in self.students else self.teacher_config
+            save_network(network, config, folder, name)
         extra = []
         if self.adaptive_ema is not None:
             adaptive = copy.deepcopy(self.teacher)
@@ -351,12 +464,106 @@ class Trainer:
             save_network(adaptive, self.teacher_config, folder, "ema_teacher_adaptive")
             extra.append("ema_teacher_adaptive")
         (folder / "teachers.json").write_text(json.dumps(extra))
-        for name, student in self.students.items():
-            save_network(student.network, self.student_config, folder, name)
         (folder / "students.json").write_text(json.dumps(list(self.students)))
-        torch.save(self.ema.checkpoint(self.teacher, self.teacher_opt), folder / "checkpoint.pt")
+        if not self.placement.sharded:
+            torch.save(
+                self.ema.checkpoint(self.teacher, self.teacher_opt), folder / "checkpoint.pt"
+            )
         (folder / "curves.json").write_text(json.dumps(self.curves.points))
         self.buffer.close()
+
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        """Everything a resumed run needs, as (sharded) tensors for
+        ``torch.distributed.checkpoint``; the EMA shadow travels as the
+        published snapshot's weights, sharded like the teacher's."""
+        self.buffer.wait()
+        if self.buffer.num_updates != self.ema.num_updates:
+            self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
+            self.buffer.wait()
+        with self.buffer.read() as snapshot:
+            ema = snapshot.module.state_dict()
+        optimizer_state = self.placement.optimizer_state
+        return {
+            "teacher": self.teacher.state_dict(),
+            "teacher_optimizer": optimizer_state(self.teacher, self.teacher_opt),
+            "ema": ema,
+            "students": {n: s.network.state_dict() for n, s in self.students.items()},
+            "student_optimizers": {
+                n: optimizer_state(s.network, s.optimizer) for n, s in self.students.items()
+            },
+        }
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        """Writes ``folder/step-N`` on every rank (collective) and keeps the last two.
+
+        Rank 0 writes ``meta.json`` last: a checkpoint without it is
+        incomplete (the run died while writing) and is never resumed from.
+        """
+        path = Path(folder) / f"step-{self.step:08d}"
+        dcp.save(self._checkpoint_state(), checkpoint_id=path)
+        self.placement.barrier()
+        if self.placement.is_writer:
+            meta = {
+                "step": self.step,
+                "student_steps": self.student_steps,
+                "world_size": self.placement.world_size,
+                "ema": {
+                    key: value
+                    for key, value in self.ema.state_dict().items()
+                    if key not in ("shadow", "copied")
+                },
+                "guard_best": self.guard.best,
+                "curves": self.curves.points,
+            }
+            (path / "meta.json.tmp").write_text(json.dumps(meta))
+            (path / "meta.json.tmp").rename(path / "meta.json")
+            for old in complete_checkpoints(folder)[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("checkpoint of step %d in %s", self.step, path)
+        self.placement.barrier()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Resumes from a checkpoint of :meth:`save_checkpoint`: same world size."""
+        meta = json.loads((Path(path) / "meta.json").read_text())
+        if meta["world_size"] != self.placement.world_size:
+            raise ValueError(
+                f"{path} was written by {meta['world_size']} processes; resume it "
+                f"with --nproc {meta['world_size']}, not {self.placement.world_size}"
+            )
+        state = self._checkpoint_state()
+        dcp.load(state, checkpoint_id=path)
+        load_optimizer = self.placement.load_optimizer_state
+        self.teacher.load_state_dict(state["teacher"])
+        load_optimizer(self.teacher, self.teacher_opt, state["teacher_optimizer"])
+        for name, student in self.students.items():
+            student.network.load_state_dict(state["students"][name])
+            load_optimizer(student.network, student.optimizer, state["student_optimizers"][name])
+        with self.buffer.read() as snapshot:
+            snapshot.module.load_state_dict(state["ema"])
+            averaged = dict(_named_tensors(snapshot.module))
+        shadow = {n: averaged[n] for n in self.ema.synced_shadow()}
+        self.ema.load_state_dict({**meta["ema"], "shadow": shadow, "copied": self.ema.copied})
+        self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
+        self.guard.best = meta["guard_best"]
+        self.curves.points = {k: [tuple(p) for p in v] for k, v in meta["curves"].items()}
+        self.step, self.student_steps = meta["step"], meta["student_steps"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints with their ``meta.json``, oldest first."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p.parent for p in Path(folder).glob("step-*/meta.json"))
+
+
+def _named_tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
 
 
 def first_items(examples: Examples, count: int) -> np.ndarray:
@@ -375,17 +582,99 @@ def run_train(
     config: PipelineConfig,
     variants: dict[str, StudentVariant] | None = None,
     adaptive_ema: bool = False,
+    resume: bool = False,
 ) -> dict:
-    """Trains on ``work_dir/ingest`` and writes the networks to ``work_dir/model``."""
-    prepared = prepare(config.work_dir, config.train.max_history)
-    with tracked_run(config):
-        mlflow.log_params(flatten("train", config.train.model_dump()))
-        folder = model_dir(config.work_dir)
+    """Trains on ``work_dir/ingest`` and writes the networks to ``work_dir/model``.
+
+    With ``train.nproc`` set, outside ``torchrun`` this launches ``torchrun``
+    with that many processes of this same function; inside, each process is one
+    rank of a sharded run.
+
+    Args:
+        resume: continue from the newest complete checkpoint under
+            ``work_dir/model/checkpoints``, if there is one.
+    """
+    if config.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(config, resume)
+    placement = LocalPlacement()
+    if config.train.nproc:
+        from models.sharding import ShardedPlacement, init_process_group
+
+        device = init_process_group()
+        placement = ShardedPlacement(config.train.sharding, config.train.table_lr, device)
+    try:
+        return _train(config, variants, adaptive_ema, resume, placement)
+    finally:
+        placement.close()
+
+
+def _train(config, variants, adaptive_ema, resume, placement) -> dict:
+    shard = (placement.rank, placement.world_size)
+    prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
+    folder = model_dir(config.work_dir)
+    checkpoints = folder / "checkpoints"
+    with tracked_run(config) if placement.is_writer else contextlib.nullcontext():
+        if placement.is_writer:
+            mlflow.log_params(flatten("train", config.train.model_dump()))
         trainer = Trainer(
-            prepared, config.train, variants, adaptive_ema, folder / "snapshots"
+            prepared, config.train, variants, adaptive_ema, folder / "snapshots", placement
         )
-        summary = trainer.run()
+        done = complete_checkpoints(checkpoints)
+        if resume and done:
+            trainer.load_checkpoint(done[-1])
+        elif resume:
+            logger.warning("no complete checkpoint in %s: training from the start", checkpoints)
+        summary = trainer.run(checkpoints)
         trainer.save(folder)
-        mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
-    (model_dir(config.work_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if placement.is_writer:
+            mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
+    if placement.is_writer:
+        (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
+    """Runs the train step as ``train.nproc`` local processes under ``torchrun``.
+
+    For several machines, run ``torchrun`` yourself on each (see the README)
+    with ``-m pipeline.train --config FILE``.
+    """
+    folder = model_dir(config.work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train_config.json"
+    config.save(path)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={config.train.nproc}", "-m", "pipeline.train",
+        "--config", str(path), *(["--resume"] if resume else []),
+    ]  # fmt: skip
+    logger.info("launching %s", " ".join(command))
+    done = subprocess.run(command, check=False)
+    if done.returncode:
+        raise RuntimeError(
+            f"torchrun exited with {done.returncode}; the ranks' errors are above. "
+            f"Resume with `emarec train --work-dir {config.work_dir} "
+            f"--nproc {config.train.nproc} --resume`"
+        )
+    return json.loads((folder / "train_summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a sharded train step: ``torchrun ... -m pipeline.train``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train")
+    parser.add_argument("--config", type=Path, required=True, help="a PipelineConfig file")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = PipelineConfig.from_file(args.config)
+    if not config.train.nproc:
+        train = config.train.model_copy(update={"nproc": 1})
+        config = config.model_copy(update={"train": train})
+    run_train(config, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
