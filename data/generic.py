@@ -3,7 +3,8 @@
 A small mapping names the columns. Ids must be integers; timestamps are integer
 epoch seconds or ISO-8601 datetimes; the label is a rating (click when it is at
 least 4) or a 0/1 click. Side-feature columns are taken as categorical strings,
-each user's and item's latest value winning.
+each user's and item's latest value winning; an empty cell is a missing value
+(read as "unknown"), not a category.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from data.features import is_missing
 from data.schema import (
     CLICK_THRESHOLD,
     DataLayoutError,
@@ -340,7 +342,8 @@ def _side_table(kept: pd.DataFrame, key: str, name: str, features: list[str]):
 def _items(kept: pd.DataFrame, mapping: ColumnMapping) -> pd.DataFrame:
     table = _side_table(kept, mapping.item, "item_id", mapping.item_features)
     for feature in mapping.item_features:
-        table[feature] = table[feature].map(lambda v: [v])
+        # A missing value is no token (it would otherwise be the token "nan").
+        table[feature] = table[feature].map(lambda v: [] if is_missing(v) else [v])
     if mapping.title:
         titles = kept.assign(item_id=kept[mapping.item].map(_as_int))
         titles = titles.drop_duplicates("item_id", keep="last")
