@@ -2,6 +2,9 @@
 
 Index 0 of every vocabulary is reserved: padding for item ids, "unknown" for
 user ids (a cold user) and for side-feature values never seen in training.
+Nothing becomes "unknown" unseen: ingest counts and logs the values that will
+(:func:`unknown_values`), and serving refuses them for a new user
+(:meth:`FeatureSpace.user_value_problem`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,50 @@ def zip_prefix(value: str) -> str:
 
 
 TOKENIZERS = {"categorical": str, "age_bucket": age_bucket, "zip_prefix": zip_prefix}
+# What a value of a bucketed kind must be.
+EXPECTED = {"age_bucket": "an age in years", "zip_prefix": "a zip code"}
+# At most this many known values are listed in a message.
+MAX_LISTED = 30
+
+
+def is_missing(value) -> bool:
+    """No value: None, NaN or a blank string (an empty CSV cell)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return value is pd.NA or (isinstance(value, str) and not value.strip())
+
+
+def token(kind: str, value) -> str:
+    """The token of a side-feature value; a missing value is unknown."""
+    return UNKNOWN if is_missing(value) else TOKENIZERS[kind](str(value))
+
+
+def unknown_values(
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    user_features: dict[str, str],
+    item_features: list[str],
+) -> dict[str, list]:
+    """The side-feature values that the model will read as "unknown".
+
+    Args:
+        users: ``user_id`` and one column per user feature.
+        items: one column per item feature, each value a list of tokens.
+        user_features: tokenizer kind per user feature.
+        item_features: names of the item features.
+
+    Returns:
+        Per feature, as ``user.<name>`` and ``item.<name>``, the raw values of
+        the users (or items) that get no known token: missing values, and
+        values the tokenizer cannot read (an age that is not a number).
+    """
+    found = {}
+    for name, kind in user_features.items():
+        values = users[name].tolist()
+        found[f"user.{name}"] = [v for v in values if token(kind, v) == UNKNOWN]
+    for name in item_features:
+        found[f"item.{name}"] = [None for tokens in items[name] if not len(tokens)]
+    return found
 
 
 @dataclass
@@ -81,9 +128,7 @@ class FeatureSpace:
             id_users: users that get an id embedding (the warm users).
         """
         user_vocab = {
-            name: sorted(
-                {TOKENIZERS[kind](v) for v in users[name]} - {UNKNOWN}
-            )
+            name: sorted({token(kind, v) for v in users[name]} - {UNKNOWN})
             for name, kind in user_features.items()
         }
         item_vocab = {
@@ -119,12 +164,44 @@ class FeatureSpace:
 
     def encode_user(self, features: dict[str, str]) -> list[int]:
         """Token index per user feature, in ``user_features`` order; 0 if unknown."""
-        tokens = []
-        for name, kind in self.user_features.items():
-            value = features.get(name)
-            token = UNKNOWN if value is None else TOKENIZERS[kind](str(value))
-            tokens.append(self._user_token[name].get(token, 0))
-        return tokens
+        return [
+            self._user_token[name].get(token(kind, features.get(name)), 0)
+            for name, kind in self.user_features.items()
+        ]
+
+    def user_value_problem(self, name: str, value: str) -> str | None:
+        """Why a new user's feature value would be read as unknown, else None.
+
+        A missing value and the word "unknown" itself ask for the unknown
+        token, so they are not problems.
+
+        Args:
+            name: a user feature of this space.
+            value: the value sent.
+
+        Returns:
+            ``None`` when the value has a token of its own; otherwise what is
+            wrong, the known values and the fix.
+        """
+        kind = self.user_features[name]
+        found = token(kind, value)
+        if found in self._user_token[name] or is_missing(value) or value == UNKNOWN:
+            return None
+        leave_out = f"leave {name} out to serve the user as unknown"
+        if kind != "categorical" and found == UNKNOWN:
+            return f"{name} {value!r} is not {EXPECTED[kind]}; send one, or {leave_out}"
+        known = self.user_vocab[name]
+        listed = ", ".join(map(repr, known[:MAX_LISTED]))
+        more = f" and {len(known) - MAX_LISTED} more" if len(known) > MAX_LISTED else ""
+        if kind == "categorical":
+            return (
+                f"{name} {value!r} was not seen in training; the known values are "
+                f"{listed}{more}. Send one of them, or {leave_out}"
+            )
+        return (
+            f"{name} {value!r} falls in {found!r}, which no training user had "
+            f"(known: {listed}{more}); {leave_out}"
+        )
 
     def encode_users(self, users: pd.DataFrame) -> dict[int, list[int]]:
         names = list(self.user_features)

@@ -3,21 +3,29 @@
 A small mapping names the columns. Ids must be integers; timestamps are integer
 epoch seconds or ISO-8601 datetimes; the label is a rating (click when it is at
 least 4) or a 0/1 click. Side-feature columns are taken as categorical strings,
-each user's and item's latest value winning.
+each user's and item's latest value winning; an empty cell is a missing value
+(read as "unknown"), not a category.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import re
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
+from data.features import is_missing
 from data.schema import (
     CLICK_THRESHOLD,
     DataLayoutError,
@@ -25,30 +33,13 @@ from data.schema import (
     Quarantine,
     interactions_frame,
 )
+from data.structured import explain, read_structured
 
 logger = logging.getLogger(__name__)
 
 
-def read_structured(path: Path, option: str):
-    """The content of a JSON or YAML file, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} points at {path}, which does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except Exception as error:  # yaml and json raise their own error types
-        raise ValueError(f"{option} {path} does not parse: {error}") from None
-
-
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "the file"
-    return f"{where}: {first['msg']}"
+class MappingError(ValueError):
+    """The column mapping does not fit the log; the message names both and the fix."""
 
 
 class ColumnMapping(BaseModel):
@@ -56,14 +47,20 @@ class ColumnMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user: str = "user_id"
-    item: str = "item_id"
-    timestamp: str = "timestamp"
-    rating: str | None = None
-    click: str | None = None
-    user_features: list[str] = []
-    item_features: list[str] = []
-    title: str | None = None
+    user: str = Field("user_id", description="column of user ids (integers)")
+    item: str = Field("item_id", description="column of item ids (integers)")
+    timestamp: str = Field(
+        "timestamp", description="column of epoch seconds or ISO-8601 datetimes"
+    )
+    rating: str | None = Field(None, description="column of 1-5 ratings")
+    click: str | None = Field(None, description="column of 0/1 clicks")
+    user_features: list[str] = Field(
+        [], description="columns of user side features, e.g. [country, device]"
+    )
+    item_features: list[str] = Field(
+        [], description="columns of item side features, e.g. [category]"
+    )
+    title: str | None = Field(None, description="column of item titles")
 
     @model_validator(mode="after")
     def _one_label(self) -> "ColumnMapping":
@@ -81,73 +78,146 @@ class ColumnMapping(BaseModel):
         Raises:
             FileNotFoundError: no such file.
             ValueError: the file does not parse, or is not a valid mapping;
-                the message names the file.
+                the message names the file, each wrong field and the fix
+                (an unknown key gets the list of allowed keys).
         """
         raw = read_structured(path, "--mapping")
         try:
             return cls.model_validate(raw)
         except ValidationError as error:
-            allowed = ", ".join(cls.model_fields)
-            raise ValueError(
-                f"--mapping {path}: {_first_error(error)}; the keys are {allowed}"
-            ) from None
+            raise MappingError(explain(error, cls, path)) from None
+
+    def columns(self) -> dict[str, list[str]]:
+        """The columns each field names, by field (only fields that name any)."""
+        named = {
+            name: getattr(self, name)
+            for name in ("user", "item", "timestamp", "rating", "click", "title")
+        }
+        named = {name: [column] for name, column in named.items() if column}
+        features = {
+            "user_features": self.user_features,
+            "item_features": self.item_features,
+        }
+        return named | {name: list(cols) for name, cols in features.items() if cols}
 
 
 def read_log(path: Path) -> pd.DataFrame:
-    """Reads a Parquet or CSV log as strings-or-values without coercion."""
+    """Reads a Parquet or CSV log as strings-or-values without coercion.
+
+    Returns:
+        One row per record, indexed by where it is in the file: a CSV's
+        physical line (the header is line 1), a Parquet file's row from 1.
+
+    Raises:
+        DataLayoutError: the file cannot be read as its type.
+    """
     path = Path(path)
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
+        frame.index = pd.RangeIndex(1, len(frame) + 1)
+        return frame
     if path.suffix in (".csv", ".tsv"):
-        sep = "\t" if path.suffix == ".tsv" else ","
-        try:
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-            # A line pandas cannot split stops the whole file, not one row.
-            raise DataLayoutError(
-                path,
-                _line_of(error),
-                f"cannot be read as {path.suffix[1:].upper()}: {error}",
-                "Fix that line (field count, quoting or encoding: UTF-8)",
-            ) from None
+        return _read_delimited(path, "\t" if path.suffix == ".tsv" else ",")
     raise DataLayoutError(
         path, 1, f"unknown file type {path.suffix!r}", "Use .parquet, .csv or .tsv"
     )
 
 
-def _line_of(error: Exception) -> int:
-    found = re.search(r"line (\d+)|row (\d+)", str(error))
-    return int(next(g for g in found.groups() if g)) if found else 1
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    """A CSV or TSV as strings, indexed by each record's first physical line.
+
+    pandas numbers records, not lines: after a blank line (or a quoted field
+    that spans lines) its row numbers stop matching the file. Blank lines are
+    not records; a record shorter than the header is padded with missing
+    values, one longer stops the file (its fields cannot be assigned).
+    """
+    kind = path.suffix[1:].upper()
+    header, rows, lines = None, [], []
+    with open(path, "rb") as f:
+        reader = csv.reader(_utf8_lines(path, f, kind), delimiter=sep)
+        line = 1
+        try:
+            for fields in reader:
+                start, line = line, reader.line_num + 1
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue
+                if header is None:
+                    header = _header(path, start, fields)
+                    continue
+                if len(fields) > len(header):
+                    problem = f"{len(fields)} fields where the header has {len(header)}"
+                    raise _unreadable(path, start, kind, problem)
+                rows.append(fields + [None] * (len(header) - len(fields)))
+                lines.append(start)
+        except csv.Error as error:
+            raise _unreadable(path, line, kind, str(error)) from None
+    if header is None:
+        raise DataLayoutError(
+            path, 1, "the file is empty", "Write the column names on line 1"
+        )
+    index = pd.Index(lines, dtype="int64")
+    return pd.DataFrame(rows, columns=header, index=index, dtype=str)
 
 
-def load_generic(path: Path, mapping: ColumnMapping) -> LoadedData:
+def _utf8_lines(path: Path, f, kind: str):
+    """Decodes line by line, so that a bad byte is reported on its own line."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise _unreadable(path, number, kind, f"not UTF-8 ({error})") from None
+        yield text
+
+
+def _unreadable(path: Path, line: int, kind: str, problem: str) -> DataLayoutError:
+    fix = "Fix that line (field count, quoting or encoding: UTF-8)"
+    return DataLayoutError(path, line, f"cannot be read as {kind}: {problem}", fix)
+
+
+def _header(path: Path, line: int, fields: list[str]) -> list[str]:
+    """The column names; one named twice would make its values ambiguous."""
+    twice = sorted({name for name in fields if fields.count(name) > 1})
+    if twice:
+        raise DataLayoutError(
+            path,
+            line,
+            f"the header names columns {twice} more than once",
+            "Give every column its own name",
+        )
+    return fields
+
+
+def load_generic(
+    path: Path, mapping: ColumnMapping, mapping_file: Path | None = None
+) -> LoadedData:
     """Loads a generic interaction log.
 
     Args:
         path: a ``.parquet``, ``.csv`` or ``.tsv`` file.
         mapping: the columns to use.
+        mapping_file: where ``mapping`` was read from, for messages.
 
     Raises:
-        DataLayoutError: a mapped column is missing from the file.
+        DataLayoutError: the file is not a readable log.
+        MappingError: a mapped column is missing from the file.
     """
     path = Path(path)
     frame = read_log(path)
-    _check_columns(path, frame, mapping)
+    _check_columns(path, frame, mapping, mapping_file or "the mapping")
     quarantine = Quarantine()
-    # CSV line numbers count the header; Parquet rows count from 1.
-    offset = 2 if path.suffix != ".parquet" else 1
     columns = {"user_id": [], "item_id": [], "rating": [], "click": [], "timestamp": []}
     kept_rows = []
     seen = set()
-    for index, row in enumerate(frame.to_dict("records")):
+    records = zip(frame.index, frame.to_dict("records"))
+    for index, (line, row) in enumerate(records):
         parsed = _parse_row(row, mapping)
         if isinstance(parsed, str):
-            quarantine.add(path.name, index + offset, parsed, json.dumps(row, default=str))
+            quarantine.add(path.name, line, parsed, json.dumps(row, default=str))
             continue
         key = (parsed[0], parsed[1], parsed[4])
         if key in seen:
             reason = "duplicate of an earlier row (same user, item and timestamp)"
-            quarantine.add(path.name, index + offset, reason, json.dumps(row, default=str))
+            quarantine.add(path.name, line, reason, json.dumps(row, default=str))
             continue
         seen.add(key)
         for name, value in zip(columns, parsed):
@@ -170,19 +240,28 @@ def load_generic(path: Path, mapping: ColumnMapping) -> LoadedData:
     )
 
 
-def _check_columns(path: Path, frame: pd.DataFrame, mapping: ColumnMapping) -> None:
-    wanted = [mapping.user, mapping.item, mapping.timestamp]
-    wanted += [c for c in (mapping.rating, mapping.click, mapping.title) if c]
-    wanted += mapping.user_features + mapping.item_features
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise DataLayoutError(
-            path,
-            1,
-            f"columns {missing} named by the mapping are not in the file "
-            f"(it has {list(frame.columns)})",
-            "Fix the column names in the mapping",
-        )
+def _check_columns(
+    path: Path, frame: pd.DataFrame, mapping: ColumnMapping, where: Path | str
+) -> None:
+    """Every column the mapping names must be in the file.
+
+    Raises:
+        MappingError: one line per field naming a missing column, with the
+            file's columns and the fix.
+    """
+    available = ", ".join(map(str, frame.columns))
+    problems = []
+    for name, columns in mapping.columns().items():
+        for column in columns:
+            if column in frame.columns:
+                continue
+            fix = "remove it or set it" if name.endswith("_features") else "set it"
+            problems.append(
+                f"{where}: field {name!r}: column {column!r} is not in "
+                f"{path.name} (columns: {available}); {fix} to one of them"
+            )
+    if problems:
+        raise MappingError("\n".join(problems))
 
 
 def _parse_row(row: dict, mapping: ColumnMapping) -> tuple | str:
@@ -263,7 +342,8 @@ def _side_table(kept: pd.DataFrame, key: str, name: str, features: list[str]):
 def _items(kept: pd.DataFrame, mapping: ColumnMapping) -> pd.DataFrame:
     table = _side_table(kept, mapping.item, "item_id", mapping.item_features)
     for feature in mapping.item_features:
-        table[feature] = table[feature].map(lambda v: [v])
+        # A missing value is no token (it would otherwise be the token "nan").
+        table[feature] = table[feature].map(lambda v: [] if is_missing(v) else [v])
     if mapping.title:
         titles = kept.assign(item_id=kept[mapping.item].map(_as_int))
         titles = titles.drop_duplicates("item_id", keep="last")

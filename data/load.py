@@ -19,7 +19,8 @@ def load_data(path: Path, mapping: ColumnMapping | Path | None = None) -> Loaded
 
     Raises:
         FileNotFoundError: nothing loadable at ``path``.
-        ValueError: a log file without a mapping.
+        ValueError: a log file without a mapping, or a mapping that does
+            not fit it (``MappingError``, naming the mapping file).
     """
     path = Path(path)
     if path.is_dir():
@@ -36,6 +37,6 @@ def load_data(path: Path, mapping: ColumnMapping | Path | None = None) -> Loaded
             f"{path} is a log file: say which columns hold what with --mapping "
             "FILE (JSON or YAML with user, item, timestamp and rating or click)"
         )
-    if not isinstance(mapping, ColumnMapping):
-        mapping = ColumnMapping.from_file(mapping)
-    return load_generic(path, mapping)
+    if isinstance(mapping, ColumnMapping):
+        return load_generic(path, mapping)
+    return load_generic(path, ColumnMapping.from_file(mapping), mapping_file=mapping)

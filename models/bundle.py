@@ -27,7 +27,9 @@ class ColdUser:
 
     Attributes:
         features: side features by name, e.g. ``{"gender": "F", "age": "25"}``;
-            unknown names are rejected, missing ones fall back to "unknown".
+            unknown names and values are rejected by serving (see
+            ``Predictor.user_feature_problem``), missing ones fall back to
+            "unknown".
         item_ids: the few items the user has touched, oldest first.
     """
 
@@ -54,6 +56,11 @@ class Predictor(Protocol):
     def has_user(self, user_id: int) -> bool: ...
 
     def has_item(self, item_id: int) -> bool: ...
+
+    def user_feature_problem(self, name: str, value: str) -> str | None:
+        """Why a new user's value of feature ``name`` would be read as
+        unknown (with the known values and the fix), or None if it is known."""
+        ...
 
     def item_title(self, item_id: int) -> str | None: ...
 
@@ -115,6 +122,9 @@ class ModelBundle:
 
     def has_item(self, item_id: int) -> bool:
         return self.space.has_item(item_id)
+
+    def user_feature_problem(self, name: str, value: str) -> str | None:
+        return self.space.user_value_problem(name, value)
 
     def item_title(self, item_id: int) -> str | None:
         return self._titles.get(int(item_id))

@@ -36,31 +36,53 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=int, help="teacher steps per checkpoint")
 
 
+# Command-line options that set a config field: field (dotted) -> option.
+FLAGS = {
+    "data": "--data",
+    "mapping": "--mapping",
+    "work_dir": "--work-dir",
+    "tracking_uri": "--tracking-uri",
+    "train.epochs": "--epochs",
+    "train.max_steps": "--max-steps",
+    "train.student_epochs": "--student-epochs",
+    "train.seed": "--seed",
+    "train.nproc": "--nproc",
+    "train.sharding": "--sharding",
+    "train.checkpoint_every": "--checkpoint-every",
+}
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields set on the command line, by dotted name."""
+    values = {
+        name: getattr(args, flag[2:].replace("-", "_")) for name, flag in FLAGS.items()
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def build_config(args: argparse.Namespace) -> PipelineConfig:
-    """The config file (if any), then command-line values over it."""
-    raw = {}
+    """The config file (if any), then command-line values over it.
+
+    Raises:
+        ConfigError: a value is impossible; the message names the option or
+            file it came from.
+    """
+    raw, base = {}, "the defaults"
     if args.config:
         raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
-    top = {"data": args.data, "mapping": args.mapping, "work_dir": args.work_dir}
-    top["tracking_uri"] = args.tracking_uri
-    raw.update({k: v for k, v in top.items() if v is not None})
-    train = {
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "student_epochs": args.student_epochs,
-        "seed": args.seed,
-        "nproc": args.nproc,
-        "sharding": args.sharding,
-        "checkpoint_every": args.checkpoint_every,
-    }
-    raw.setdefault("train", {}).update({k: v for k, v in train.items() if v is not None})
-    if args.work_dir and (args.work_dir / "config.json").is_file() and not args.config:
+        base = str(args.config)
+    elif args.work_dir and (args.work_dir / "config.json").is_file():
         # A later step of an existing run: reuse that run's settings.
-        saved = PipelineConfig.load(args.work_dir / "config.json").model_dump()
-        saved.update({k: v for k, v in raw.items() if k != "train"})
-        saved["train"].update(raw["train"])
-        raw = saved
-    return PipelineConfig.model_validate(raw)
+        base = str(args.work_dir / "config.json")
+        raw = PipelineConfig.load(args.work_dir / "config.json").model_dump()
+    flags = _flag_values(args)
+    raw.setdefault("train", {})
+    for name, value in flags.items():
+        *parents, key = name.split(".")
+        (raw[parents[0]] if parents else raw)[key] = value
+    return PipelineConfig.validated(
+        raw, lambda name: FLAGS[name] if name in flags else base
+    )
 
 
 def cmd_run(args) -> int:
@@ -222,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except ValidationError as error:
+    except ValidationError as error:  # serving settings from the environment
         print(f"emarec: invalid configuration:\n{error}", file=sys.stderr)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"emarec: {error}", file=sys.stderr)

@@ -7,7 +7,16 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from data.structured import Origin, explain, read_structured
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -21,23 +30,44 @@ def default_work_dir() -> Path:
     return Path("runs") / stamp
 
 
+class ConfigError(ValueError):
+    """A setting is impossible; the message names where it came from and the fix."""
+
+
 class TrainConfig(BaseModel):
-    """How the teacher, its EMA and the student train."""
+    """How the teacher, its EMA and the student train.
+
+    Bounds are declared on each field with a description; a value outside them
+    is refused by :meth:`PipelineConfig.validated` with both in the message.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
-    embedding_dim: int = Field(32, ge=4, le=1024)
-    hidden_dim: int = Field(64, ge=4, le=4096)
-    max_history: int = Field(20, ge=1, le=500)
-    batch_size: int = Field(512, ge=8)
-    epochs: int = Field(3, ge=1)
+    seed: int = Field(0, description="seed of the initial weights and the sampling")
+    embedding_dim: int = Field(
+        32, ge=4, le=1024, description="width of every embedding"
+    )
+    hidden_dim: int = Field(64, ge=4, le=4096, description="width of the hidden layers")
+    max_history: int = Field(
+        20, ge=1, le=500, description="past items a user's history keeps"
+    )
+    batch_size: int = Field(512, ge=8, description="events per training batch")
+    epochs: int = Field(3, ge=1, description="teacher epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
-    lr: float = Field(2e-3, gt=0, lt=1)
-    student_lr: float = Field(4e-3, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-3, gt=0, lt=1, description="the teacher's Adam learning rate")
+    student_lr: float = Field(
+        4e-3, gt=0, lt=1, description="the student's Adam learning rate"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     negatives: int = Field(4, ge=0, le=50, description="sampled unseen items per event")
-    ema_decay: float = Field(0.995, gt=0, lt=1)
+    ema_decay: float = Field(
+        0.995,
+        ge=0.9,
+        lt=1,
+        description="the EMA teacher's decay: at 1 the average never moves from "
+        "the initial weights, and below 0.9 it is hardly an average; typical "
+        "values are 0.99 to 0.9999",
+    )
     ema_warmup: bool = True
     divergence_threshold: float = Field(
         1.5,
@@ -60,10 +90,16 @@ class TrainConfig(BaseModel):
         description="share of student rows whose history is cut to the user's "
         "first events, as a new user's onboarding would be",
     )
-    distill_label: float = Field(1.0, ge=0)
-    distill_embedding: float = Field(1.0, ge=0)
-    distill_attention: float = Field(1.0, ge=0)
-    distill_click: float = Field(1.0, ge=0)
+    distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
+    distill_embedding: float = Field(
+        1.0, ge=0, description="weight of the user-embedding distillation loss"
+    )
+    distill_attention: float = Field(
+        1.0, ge=0, description="weight of the attention distillation loss"
+    )
+    distill_click: float = Field(
+        1.0, ge=0, description="weight of the click distillation loss"
+    )
     quantize_dense: str = "auto"
     nproc: int = Field(
         0,
@@ -79,16 +115,6 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(
         0, ge=0, description="teacher steps between checkpoints (0: only at the end)"
     )
-
-    @field_validator("ema_decay")
-    @classmethod
-    def _decay_range(cls, value: float) -> float:
-        if not 0.9 <= value < 1:
-            raise ValueError(
-                f"ema_decay {value} is outside [0.9, 1): an EMA teacher needs a decay "
-                "close to 1, e.g. 0.995 for recommenders"
-            )
-        return value
 
     @field_validator("sharding")
     @classmethod
@@ -132,19 +158,42 @@ class PipelineConfig(BaseModel):
     experiment: str = "emarec"
     model_name: str = "emarec"
     alias: str = "champion"
-    eval_k: int = Field(10, ge=1)
+    eval_k: int = Field(10, ge=1, description="K of Recall@K and NDCG@K")
     train: TrainConfig = TrainConfig()
 
     @classmethod
-    def from_file(cls, path: Path, **overrides) -> "PipelineConfig":
-        """Reads JSON or YAML, then applies ``overrides`` (``None`` values skipped)."""
-        from data.generic import read_structured
+    def validated(cls, raw: dict, origin: Origin | str) -> "PipelineConfig":
+        """Validates raw settings.
 
+        Args:
+            raw: the settings, nested like the model.
+            origin: where they came from (see :func:`data.structured.explain`).
+
+        Raises:
+            ConfigError: a key is unknown or a value impossible; one line per
+                problem, naming its origin, the field, the allowed values and
+                the default.
+        """
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            raise ConfigError(explain(error, cls, origin)) from None
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides) -> "PipelineConfig":
+        """Reads JSON or YAML, then applies ``overrides`` (``None`` values skipped).
+
+        Raises:
+            ConfigError: the settings are not valid; the message names the file.
+        """
         raw = read_structured(path, "--config") or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"--config {path} must hold a mapping of settings")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(raw)
+            raise ConfigError(f"--config {path} must hold a mapping of settings")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        raw.update(given)
+        return cls.validated(
+            raw, lambda name: "overrides" if name.split(".")[0] in given else str(path)
+        )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.features import is_missing, unknown_values
 from data.load import load_data
 from data.locate import resolve_data
 from data.schema import INTERACTIONS_SCHEMA, QUARANTINE_SCHEMA, LoadedData
@@ -17,6 +18,9 @@ from data.split import split_counts, split_interactions
 from pipeline.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
+
+# Example values a warning shows.
+EXAMPLES = 5
 
 
 def ingest_dir(work_dir: Path) -> Path:
@@ -27,7 +31,9 @@ def run_ingest(config: PipelineConfig) -> dict:
     """Loads the configured data and writes it under ``work_dir/ingest``.
 
     Returns:
-        Counts: rows in, kept and quarantined, and users and rows per split.
+        Counts: rows in, kept and quarantined, users and rows per split, and
+        per side feature (``user.<name>``, ``item.<name>``) the users or items
+        whose value the model reads as "unknown" (each logged as a warning).
     """
     source = resolve_data(config.data)
     loaded = load_data(source, config.mapping)
@@ -44,6 +50,7 @@ def run_ingest(config: PipelineConfig) -> dict:
         "quarantined_lines": len(loaded.quarantine),
         "users": int(loaded.users.user_id.nunique()),
         "items": int(loaded.items.item_id.nunique()),
+        "unknown_values": _count_unknown(source, loaded),
         **split_counts(events),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -69,6 +76,33 @@ def _check_trainable(source: Path, events) -> None:
             "needs users with test events (cold users are user_id % 5 == 0 with "
             "more than 5 events); see the quarantine file for refused rows"
         )
+
+
+def _count_unknown(source: Path, loaded: LoadedData) -> dict[str, int]:
+    """Counts, and logs, the side-feature values the model will read as unknown.
+
+    Those users and items are kept (they still have ids and interactions),
+    but their feature gets no embedding of its own, so it must not go unseen.
+    """
+    found = unknown_values(
+        loaded.users, loaded.items, loaded.user_features, loaded.item_features
+    )
+    for name, values in found.items():
+        if not values:
+            continue
+        side, feature = name.split(".", 1)
+        shown = sorted({"<missing>" if is_missing(v) else repr(v) for v in values})
+        logger.warning(
+            "%s: %d %ss have no usable %r (e.g. %s); they train and serve with "
+            "%s 'unknown'",
+            source,
+            len(values),
+            side,
+            feature,
+            ", ".join(shown[:EXAMPLES]),
+            feature,
+        )
+    return {name: len(values) for name, values in found.items()}
 
 
 def write_loaded(loaded: LoadedData, out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.features import is_missing
 from data.load import load_data
 from data.locate import resolve_data
 from data.split import split_interactions
@@ -16,8 +17,9 @@ def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayU
     loaded = load_data(resolve_data(data), mapping)
     events = split_interactions(loaded.interactions)
     names = list(loaded.user_features)
+    # A missing value is left out: the server reads an absent feature as unknown.
     features = {
-        int(row["user_id"]): {n: str(row[n]) for n in names}
+        int(row["user_id"]): {n: str(row[n]) for n in names if not is_missing(row[n])}
         for row in loaded.users.to_dict("records")
     }
     users = []

@@ -38,9 +38,8 @@ def run_step(name: str, config: PipelineConfig) -> dict:
             mlflow.log_params(
                 flatten("", config.model_dump(mode="json", exclude={"train"}))
             )
-            mlflow.log_metrics(
-                {f"ingest/{k}": float(v) for k, v in result.items() if k != "source"}
-            )
+            counts = flatten("", {k: v for k, v in result.items() if k != "source"})
+            mlflow.log_metrics({f"ingest/{k}": float(v) for k, v in counts.items()})
     return result
 
 

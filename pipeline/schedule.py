@@ -12,7 +12,11 @@ TRAIN_PARAMS = ("epochs", "max_steps", "student_epochs")
 
 
 def config_for_run(params: dict, run_id: str) -> PipelineConfig:
-    """A fresh run's config from DAG params, then ``EMAREC_*`` and defaults."""
+    """A fresh run's config from DAG params, then ``EMAREC_*`` and defaults.
+
+    Raises:
+        ConfigError: a param is impossible, with the allowed values.
+    """
     root = Path(params.get("work_root") or os.environ.get("EMAREC_WORK_ROOT") or "runs")
     safe_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id or "manual")
     raw = {
@@ -24,7 +28,8 @@ def config_for_run(params: dict, run_id: str) -> PipelineConfig:
         "model_name": params.get("model_name"),
         "train": {k: params[k] for k in TRAIN_PARAMS if params.get(k) is not None},
     }
-    return PipelineConfig.model_validate({k: v for k, v in raw.items() if v is not None})
+    given = {k: v for k, v in raw.items() if v is not None}
+    return PipelineConfig.validated(given, "the DAG run's params")
 
 
 def config_of(work_dir: str | Path) -> PipelineConfig:

@@ -17,6 +17,7 @@ def format_summary(config: PipelineConfig, results: dict) -> str:
         f"data       {ingest['source']}",
         f"rows       in {ingest['rows_in']} = kept {ingest['rows_kept']}"
         f" + quarantined {ingest['rows_quarantined']}",
+        *_unknown_lines(ingest.get("unknown_values", {})),
         f"training   {train['teacher_steps']} teacher steps, {train['student_steps']}"
         f" student steps, {train['snapshot_version']} teacher snapshots,"
         f" {train['train_seconds']} s",
@@ -33,6 +34,12 @@ def format_summary(config: PipelineConfig, results: dict) -> str:
         f"work dir   {config.work_dir}",
     ]
     return "\n".join(lines)
+
+
+def _unknown_lines(counts: dict[str, int]) -> list[str]:
+    """One line naming the side features some users or items lack, if any."""
+    lacking = [f"{name} {count}" for name, count in counts.items() if count]
+    return [f"unknown    {', '.join(lacking)} (read as 'unknown')"] if lacking else []
 
 
 def print_summary(config: PipelineConfig, results: dict) -> None:

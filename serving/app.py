@@ -203,16 +203,7 @@ def _cold_user_errors(
     loc: tuple,
 ) -> list[_Error]:
     """Check a new user's features and items against the model."""
-    known = predictor.user_feature_names
-    errors = [
-        (
-            (*loc, "features", name),
-            f"unknown user feature {name!r}; expected one of {list(known)}",
-            name,
-        )
-        for name in features
-        if name not in known
-    ]
+    errors = _feature_errors(predictor, features, loc)
     max_history = state.settings.max_history
     if len(item_ids) > max_history:
         msg = f"item_ids holds {len(item_ids)} items; send at most {max_history}"
@@ -222,6 +213,27 @@ def _cold_user_errors(
     if unknown:
         msg = f"unknown item ids {unknown}; they are not in the catalogue"
         errors.append(((*loc, "item_ids"), msg, unknown))
+    return errors
+
+
+def _feature_errors(
+    predictor: Predictor, features: dict[str, str], loc: tuple
+) -> list[_Error]:
+    """Unknown feature names, and values the model would read as unknown.
+
+    A value the model never saw would silently be served as "unknown"; it is
+    refused instead, naming the known values, so the client either fixes it
+    or leaves the feature out on purpose.
+    """
+    known = predictor.user_feature_names
+    errors: list[_Error] = []
+    for name, value in features.items():
+        where = (*loc, "features", name)
+        if name not in known:
+            msg = f"unknown user feature {name!r}; expected one of {list(known)}"
+            errors.append((where, msg, name))
+        elif problem := predictor.user_feature_problem(name, value):
+            errors.append((where, problem, value))
     return errors
 
 

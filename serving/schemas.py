@@ -18,6 +18,12 @@ MAX_ID = 2**63 - 1
 
 Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
 Cohort = Literal["warm", "cold"]
+FEATURES_DESCRIPTION = (
+    "Side features by name; missing ones count as unknown. A value the model "
+    "has not seen in training (or cannot read, such as an age that is not a "
+    "number) is refused with a 422 naming the known values: leave the feature "
+    "out to serve the user as unknown."
+)
 
 
 class _Body(BaseModel):
@@ -71,8 +77,7 @@ class ColdUserIn(_Body):
     """A new user: side features and the items they have touched, oldest first."""
 
     features: dict[str, str] = Field(
-        default_factory=dict,
-        description="Side features by name; missing ones count as unknown.",
+        default_factory=dict, description=FEATURES_DESCRIPTION
     )
     item_ids: list[Id] = Field(
         min_length=1, description="Items the user touched (1 to max_history)."
@@ -104,7 +109,7 @@ class RecommendationRequest(_Body):
         ),
     )
     features: dict[str, str] | None = Field(
-        None, description="Side features of a new user."
+        None, description=f"A new user's side features. {FEATURES_DESCRIPTION}"
     )
     item_ids: list[Id] | None = Field(
         None,

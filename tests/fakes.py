@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from data.features import AGE_BUCKETS, FeatureSpace
 from models.bundle import ColdUser, Scored
 from serving.registry import ModelRef
 
@@ -20,11 +21,29 @@ class FakePredictor:
 
     Users ``0..n_users-1`` are known and items ``0..n_items-1`` exist. User
     ``u`` has seen items ``u % n_items`` and ``(3u + 1) % n_items``. Item 0 has
-    no title.
+    no title. New users' feature values are checked by a real ``FeatureSpace``
+    whose vocabularies are ``FEATURE_VOCAB``.
     """
 
     embedding_dim = 8
     user_feature_names = ("gender", "age", "occupation")
+    FEATURE_VOCAB = {
+        "gender": ["F", "M"],
+        "age": [label for _, label in AGE_BUCKETS] + ["50-55", "56+"],
+        "occupation": ["artist", "engineer", "writer"],
+    }
+    SPACE = FeatureSpace(
+        user_ids=[],
+        item_ids=[],
+        user_features={
+            "gender": "categorical",
+            "age": "age_bucket",
+            "occupation": "categorical",
+        },
+        user_vocab=FEATURE_VOCAB,
+        item_vocab={},
+        item_tokens={},
+    )
 
     def __init__(
         self, n_users: int = 20, n_items: int = 40, seed: int = 0, version: str = "7"
@@ -48,6 +67,9 @@ class FakePredictor:
 
     def has_item(self, item_id: int) -> bool:
         return 0 <= item_id < self.n_items
+
+    def user_feature_problem(self, name: str, value: str) -> str | None:
+        return self.SPACE.user_value_problem(name, value)
 
     def item_title(self, item_id: int) -> str | None:
         return f"Item {item_id}" if item_id else None

@@ -405,3 +405,61 @@ def test_feature_space_save_load_round_trip(world, tmp_path: Path) -> None:
     assert loaded.item_index([101, 140]).tolist() == [1, N_ITEMS]
     features = {"age": "30", "gender": "F", "occupation": "writer", "zip": "T8H"}
     assert loaded.encode_user(features) == space.encode_user(features)
+
+
+def small_space() -> FeatureSpace:
+    users = pd.DataFrame(
+        {
+            "user_id": [1, 2, 3],
+            "age": ["20", "30", "x"],
+            "zip": ["12345", "23456", "abc"],
+            "job": ["cook", None, "pilot"],
+        }
+    )
+    items = pd.DataFrame({"item_id": [1], "genres": [["a"]]})
+    kinds = {"age": "age_bucket", "zip": "zip_prefix", "job": "categorical"}
+    return FeatureSpace.build(users, items, kinds, ["genres"], [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("job", "cook", None),
+        ("job", "unknown", None),
+        ("job", "", None),
+        ("job", "chef", "job 'chef' was not seen in training; the known values are"),
+        ("age", "24", None),
+        ("age", "old", "age 'old' is not an age in years"),
+        ("age", "70", "age '70' falls in '56+', which no training user had"),
+        ("zip", "19999", None),
+        ("zip", "99999", "zip '99999' falls in '9', which no training user had"),
+    ],
+)
+def test_user_value_problem_names_what_would_be_unknown(
+    name: str, value: str, problem: str | None
+) -> None:
+    found = small_space().user_value_problem(name, value)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(problem), found
+        assert found.endswith(f"leave {name} out to serve the user as unknown")
+
+
+def test_missing_and_unreadable_values_are_counted_as_unknown() -> None:
+    from data.features import unknown_values
+
+    space = small_space()
+    users = pd.DataFrame(
+        {"user_id": [1, 2], "age": ["x", "30"], "zip": ["", "1"], "job": [None, "cook"]}
+    )
+    items = pd.DataFrame({"item_id": [1, 2], "genres": [[], ["a"]]})
+    found = unknown_values(users, items, space.user_features, ["genres"])
+    assert {name: len(values) for name, values in found.items()} == {
+        "user.age": 1,
+        "user.zip": 1,
+        "user.job": 1,
+        "item.genres": 1,
+    }
+    assert found["user.age"] == ["x"]
+    assert space.encode_users(users)[1] == [0, 0, 0], "each of them is token 0"

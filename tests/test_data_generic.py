@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pydantic
 import pytest
 
-from data.generic import ColumnMapping, load_generic
+from data.generic import ColumnMapping, MappingError, load_generic
 from data.load import load_data
 from data.schema import DataLayoutError
 
@@ -261,16 +262,32 @@ def test_parquet_bad_row_is_numbered_from_1(tmp_path: Path) -> None:
     assert loaded.quarantine.line.tolist() == [2]
 
 
-def test_mapping_naming_a_missing_column_is_a_layout_error(tmp_path: Path) -> None:
+def test_mapping_naming_a_missing_column_says_which_field_and_the_fix(
+    tmp_path: Path,
+) -> None:
     mapping = RATED_MAPPING.model_copy(
         update={"user_features": ["country", "age"], "timestamp": "ts"}
     )
-    with pytest.raises(DataLayoutError) as caught:
+    with pytest.raises(MappingError) as caught:
         load_generic(write_csv(tmp_path / "log.csv", RATED), mapping)
-    message = str(caught.value)
-    assert "log.csv" in message
-    assert "'ts'" in message and "'age'" in message
-    assert "'country'" not in message.split("(it has")[0], "present columns not listed"
+    lines = str(caught.value).splitlines()
+    columns = ", ".join(RATED)
+    assert lines == [
+        f"the mapping: field 'timestamp': column 'ts' is not in log.csv "
+        f"(columns: {columns}); set it to one of them",
+        f"the mapping: field 'user_features': column 'age' is not in log.csv "
+        f"(columns: {columns}); remove it or set it to one of them",
+    ], "one line per wrong column; present ones ('country') are not named"
+
+
+def test_missing_column_error_names_the_mapping_file(tmp_path: Path) -> None:
+    log = write_csv(tmp_path / "events.csv", RATED)
+    mapping_file = tmp_path / "mapping.yaml"
+    mapping_file.write_text("user: uid\nitem: iid\ntimestamp: when\nrating: score\n")
+    with pytest.raises(MappingError, match="field 'rating': column 'score'") as caught:
+        load_data(log, mapping_file)
+    assert str(caught.value).startswith(f"{mapping_file}: field 'rating'")
+    assert f"is not in events.csv (columns: {', '.join(RATED)});" in str(caught.value)
 
 
 def test_unknown_file_type_is_a_layout_error(tmp_path: Path) -> None:
@@ -345,10 +362,45 @@ def test_mapping_file_with_an_unknown_key_is_refused(
     tmp_path: Path, suffix: str
 ) -> None:
     path = tmp_path / f"m{suffix}"
-    content = {"click": "c", "user_column": "u"}
+    content = {"click": "c", "usr": "u"}
     path.write_text(json.dumps(content))  # JSON is also valid YAML
-    with pytest.raises(ValueError, match=f"--mapping .*m{suffix}.*user_column"):
+    with pytest.raises(MappingError) as caught:
         ColumnMapping.from_file(path)
+    allowed = ", ".join(ColumnMapping.model_fields)
+    assert str(caught.value) == (
+        f"{path}: unknown key 'usr'; the keys are {allowed} (did you mean 'user'?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "click: c\nuser_features: country\n",
+            "field 'user_features' is 'country', not a list (columns of user side "
+            "features, e.g. [country, device]). Set it to a list, e.g. the default []",
+        ),
+        (
+            "click: c\nuser: 5\n",
+            "field 'user' is 5, not a string (column of user ids (integers)). "
+            "Set it to a string, e.g. the default 'user_id'",
+        ),
+        ("user: u\n", "the mapping must name exactly one label column"),
+        ("- user\n- item\n", "the file must hold keys and values (user, item,"),
+    ],
+    ids=["features-not-a-list", "column-not-a-string", "no-label", "not-a-mapping"],
+)
+def test_mapping_file_error_names_file_field_problem_and_fix(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = tmp_path / "mapping.yaml"
+    path.write_text(content)
+    with pytest.raises(MappingError) as caught:
+        ColumnMapping.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message
+    assert "Input should be" not in message, "no raw pydantic wording"
 
 
 def test_mapping_file_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
@@ -367,4 +419,68 @@ def test_csv_line_that_cannot_be_split_names_file_and_line(tmp_path: Path) -> No
     path = tmp_path / "log.csv"
     path.write_text("uid,iid,when,stars\n1,2,100,4\n1,3,200,4,extra,fields\n")
     with pytest.raises(DataLayoutError, match=r"log.csv, line 3: cannot be read as CSV"):
+        load_generic(path, RATED_MAPPING)
+
+
+def test_csv_line_numbers_are_physical_after_blank_and_comment_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.csv"
+    lines = [
+        "uid,iid,when,stars",  # 1
+        "",  # 2: blank, not a row
+        "1,10,100,5",  # 3
+        "",  # 4
+        "   ",  # 5: whitespace only, also blank
+        "# exported by the shop",  # 6: not a row of the layout
+        "1,20,200,9",  # 7: bad rating
+        '2,30,300,"4"',  # 8
+        '3,40,400,"4',  # 9: a quoted field that goes on ...
+        '"',  # 10 ... to here
+        "3,50,500,0",  # 11: bad rating, after a two-line record
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    mapping = ColumnMapping(user="uid", item="iid", timestamp="when", rating="stars")
+    loaded = load_generic(path, mapping)
+
+    quarantined = dict(zip(loaded.quarantine.line, loaded.quarantine.reason))
+    assert sorted(quarantined) == [6, 7, 11], loaded.quarantine.to_string()
+    assert "uid '# exported by the shop'" in quarantined[6]
+    assert "stars '9'" in quarantined[7] and "stars '0'" in quarantined[11]
+    assert loaded.interactions.item_id.tolist() == [10, 30, 40]
+    assert (loaded.rows_in, loaded.rows_kept, loaded.rows_quarantined) == (6, 3, 3)
+
+
+def test_csv_line_after_blank_lines_that_cannot_be_split_has_its_true_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("uid,iid,when,stars\n\n\n1,2,100,4\n\n1,3,200,4,extra\n")
+    with pytest.raises(DataLayoutError, match="line 6: cannot be read as CSV: 5 fie"):
+        load_generic(path, RATED_MAPPING)
+
+
+def test_csv_byte_that_is_not_utf8_is_reported_on_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    rows = b"".join(b"1,%d,%d,4\n" % (i, i) for i in range(2, 5000))
+    path.write_bytes(b"uid,iid,when,stars\n" + rows + b"1,9,\xff9,4\n")
+    with pytest.raises(DataLayoutError, match="line 5000: cannot be read as CSV: not"):
+        load_generic(path, RATED_MAPPING)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("", "the file is empty"),
+        ("\n\n", "the file is empty"),
+        ("uid,uid,when\n1,2,3\n", "the header names columns ['uid'] more than once"),
+    ],
+    ids=["empty", "blank", "duplicate-header"],
+)
+def test_csv_without_a_usable_header_is_a_layout_error(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text(content)
+    with pytest.raises(DataLayoutError, match=re.escape(problem)):
         load_generic(path, RATED_MAPPING)

@@ -34,6 +34,19 @@ def test_ingest_writes_parquet_and_accounts_for_every_row(pipeline_run):
     assert frame["click"].isin([0, 1]).all()
 
 
+def test_ingest_logs_unknown_feature_counts_to_mlflow(pipeline_run):
+    config, results = pipeline_run
+    counts = results["ingest"]["unknown_values"]
+    features = json.loads((config.work_dir / "ingest" / "features.json").read_text())
+    expected = [f"user.{name}" for name in features["user_features"]]
+    assert sorted(counts) == sorted(expected + ["item.genres"])
+    client = MlflowClient(config.tracking_uri)
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    logged = client.get_run(run_id).data.metrics
+    for name, count in counts.items():
+        assert logged[f"ingest/unknown_values.{name}"] == count
+
+
 def test_training_curves_are_logged_with_steps(pipeline_run):
     config, _ = pipeline_run
     client = MlflowClient(config.tracking_uri)

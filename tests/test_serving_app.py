@@ -178,6 +178,44 @@ def test_unknown_feature_is_422_naming_it(client):
     assert "shoe_size" in error["msg"] and "occupation" in error["msg"]
 
 
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/v1/recommendations"])
+def test_feature_value_not_seen_in_training_is_422_naming_the_known_values(
+    client, predictor, route
+):
+    features = {"gender": "F", "occupation": "astronaut"}
+    user = {"features": features, "item_ids": [1]}
+    body = {"users": [COLD, user]} if route == "/v1/embeddings" else user
+    calls = len(predictor.cold_calls)
+    response = client.post(route, json=body)
+
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    prefix = ["body", "users", 1] if route == "/v1/embeddings" else ["body"]
+    assert error["loc"] == [*prefix, "features", "occupation"]
+    assert error["input"] == "astronaut"
+    known = predictor.FEATURE_VOCAB["occupation"]
+    assert f"the known values are {', '.join(map(repr, known))}" in error["msg"]
+    assert "leave occupation out to serve the user as unknown" in error["msg"]
+    assert len(predictor.cold_calls) == calls, "nothing reached the model"
+
+
+def test_feature_value_that_cannot_be_read_is_422(client):
+    user = {"features": {"age": "old"}, "item_ids": [1]}
+    response = client.post("/v1/embeddings", json={"users": [user]})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "users", 0, "features", "age"]
+    assert error["msg"].startswith("age 'old' is not an age in years")
+
+
+@pytest.mark.parametrize("value", ["unknown", ""])
+def test_feature_value_asking_for_unknown_is_served(client, predictor, value):
+    user = {"features": {"gender": "F", "occupation": value}, "item_ids": [1]}
+    response = client.post("/v1/embeddings", json={"users": [user]})
+    assert response.status_code == 200, response.text
+    assert predictor.cold_calls[-1].features == {"gender": "F", "occupation": value}
+
+
 def test_unknown_items_are_422_naming_them(client):
     user = {"item_ids": [1, 400, 77, 400]}
     response = client.post("/v1/embeddings", json={"users": [user]})

@@ -1,0 +1,146 @@
+"""pipeline.config and the CLI's config building: impossible values are refused
+with a message naming where they came from, the field, the range and the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, PipelineConfig, TrainConfig
+from pipeline.schedule import config_for_run
+
+
+def write_config(path: Path, train: dict) -> Path:
+    path.write_text(json.dumps({"train": train}))
+    return path
+
+
+def bounded_fields() -> list[tuple[str, dict]]:
+    """Every TrainConfig field declared with bounds, with those bounds."""
+    fields = []
+    for name, field in TrainConfig.model_fields.items():
+        bounds = {
+            op: getattr(bound, op)
+            for bound in field.metadata
+            for op in ("ge", "gt", "le", "lt")
+            if hasattr(bound, op)
+        }
+        if bounds:
+            fields.append((name, bounds))
+    return fields
+
+
+def outside(bounds: dict) -> list[float]:
+    """Values just outside each declared bound."""
+    values = []
+    if "ge" in bounds:
+        values.append(bounds["ge"] - 1)
+    if "gt" in bounds:
+        values.append(bounds["gt"])
+    if "le" in bounds:
+        values.append(bounds["le"] + 1)
+    if "lt" in bounds:
+        values.append(bounds["lt"])
+    return values
+
+
+BOUNDED = bounded_fields()
+
+
+@pytest.mark.parametrize(("name", "bounds"), BOUNDED, ids=[n for n, _ in BOUNDED])
+def test_every_bounded_field_refuses_values_outside_with_its_range(
+    tmp_path: Path, name: str, bounds: dict
+) -> None:
+    field = TrainConfig.model_fields[name]
+    assert field.description, f"train.{name} needs a description for its message"
+    for value in outside(bounds):
+        path = write_config(tmp_path / "config.json", {name: value})
+        with pytest.raises(ConfigError) as caught:
+            PipelineConfig.from_file(path)
+        message = str(caught.value)
+        expected = f"{path}: field 'train.{name}' is {value!r}; it must be"
+        assert message.startswith(expected)
+        assert field.description in message
+        assert f"e.g. the default {field.default!r}" in message
+        assert "Input should" not in message, "no raw pydantic wording"
+
+
+@pytest.mark.parametrize("value", [1, 1.5, 0, -0.5, 0.5, "abc", math.nan, math.inf])
+def test_ema_decay_out_of_range_says_the_range_and_why(
+    tmp_path: Path, value: object
+) -> None:
+    path = tmp_path / "config.yaml"
+    yaml_value = {math.nan: ".nan", math.inf: ".inf"}.get(value, value)
+    path.write_text(f"train:\n  ema_decay: {yaml_value}\n")
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: field 'train.ema_decay' is ")
+    assert "it must be in [0.9, 1)" in message
+    assert "at 1 the average never moves" in message
+    assert "typical values are 0.99 to 0.9999" in message
+    assert "e.g. the default 0.995" in message
+
+
+def test_ema_decay_that_is_not_a_number_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", {"ema_decay": "high"})
+    with pytest.raises(ConfigError, match="'train.ema_decay' is 'high', not a number"):
+        PipelineConfig.from_file(path)
+
+
+def test_valid_edges_are_accepted(tmp_path: Path) -> None:
+    train = {"ema_decay": 0.9, "cold_history_share": 1.0, "epochs": 1, "batch_size": 8}
+    config = PipelineConfig.from_file(write_config(tmp_path / "c.json", train))
+    assert config.train.model_dump(include=set(train)) == train
+
+
+def test_every_problem_is_listed_one_per_line(tmp_path: Path) -> None:
+    train = {"epochs": -1, "batch_size": 0, "lr": 0, "cold_history_share": 1.5}
+    path = write_config(tmp_path / "config.json", train)
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(train)
+    for name in train:
+        assert any(f"field 'train.{name}'" in line for line in lines), name
+
+
+def test_unknown_key_lists_the_keys_and_the_closest(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", {"ema_decy": 0.99})
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: unknown key 'train.ema_decy'")
+    assert ", ".join(TrainConfig.model_fields) in message
+    assert "(did you mean 'ema_decay'?)" in message
+
+
+def test_cli_names_the_flag_that_set_an_impossible_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = write_config(tmp_path / "config.json", {"epochs": 2})
+    argv = ["ingest", "--config", str(config), "--epochs", "0"]
+    assert main([*argv, "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emarec: --epochs: field 'train.epochs' is 0; it must be at")
+    assert str(config) not in err, "the file's value was valid; the flag's was not"
+    assert not (tmp_path / "w").exists(), "nothing runs on an invalid config"
+
+
+def test_cli_names_the_config_file_of_an_impossible_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = write_config(tmp_path / "config.json", {"ema_decay": 1.0})
+    argv = ["ingest", "--config", str(config), "--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emarec: {config}: field 'train.ema_decay' is 1.0;")
+
+
+def test_dag_params_with_an_impossible_value_say_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the DAG run's params: field 'train.epochs'"):
+        config_for_run({"epochs": 0, "work_root": str(tmp_path)}, "manual")
