@@ -108,6 +108,14 @@ class TrainConfig(BaseModel):
         description="0: train in this process; N: N TorchRec-sharded processes "
         "(torchrun), table optimizer fused row-wise Adagrad",
     )
+    data_shards: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="user partitions of the training data, each with its own "
+        "share of every batch; --nproc must divide it, and the result does not "
+        "depend on --nproc",
+    )
     sharding: str = "table_wise"
     table_lr: float = Field(
         0.05, gt=0, lt=10, description="fused row-wise Adagrad rate of sharded tables"
@@ -128,6 +136,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _checkpoint_on_sync(self) -> "TrainConfig":
+        if self.nproc > 1 and self.data_shards % self.nproc:
+            raise ValueError(
+                f"nproc {self.nproc} must divide data_shards {self.data_shards}: "
+                "each process reads whole data shards"
+            )
         every = self.checkpoint_every
         for name in ("distill_interval", "sync_interval"):
             if every % getattr(self, name):

@@ -41,26 +41,50 @@ class Prepared:
         return ranking_users(self.events, self.examples)
 
 
+def data_shard(user_id, shards: int):
+    """The data shard of a user: ``user_id % shards``."""
+    return user_id % shards
+
+
+def owned_shards(rank: int, world_size: int, shards: int) -> list[int]:
+    """The data shards rank ``rank`` of ``world_size`` reads: every
+    ``world_size``-th from ``rank``. Each shard draws its own negatives and
+    order and fills a fixed share of every global batch, so the batches do not
+    depend on how many processes share the shards.
+
+    Raises:
+        ValueError: if ``world_size`` does not divide ``shards``.
+    """
+    if shards % world_size:
+        raise ValueError(
+            f"{world_size} processes cannot share {shards} data shards evenly: set "
+            f"train.data_shards to a multiple of {world_size}"
+        )
+    return list(range(rank, shards, world_size))
+
+
 def prepare(
     work_dir: Path,
     max_history: int,
     space: FeatureSpace | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int, int] = (0, 1, 1),
 ) -> Prepared:
     """Splits the ingested events and encodes them.
 
     Args:
         space: vocabularies to reuse (a trained model's); built afresh if None.
-        shard: ``(rank, world_size)``: keep every ``world_size``-th user from
-            the ``rank``-th, reading only their interactions. The vocabularies
-            still cover every user, from the interactions' user-id column.
+        shard: ``(rank, world_size, data_shards)``: keep the users of the data
+            shards this rank owns (see :func:`owned_shards`), reading only
+            their interactions. The vocabularies still cover every user, from
+            the interactions' user-id column.
     """
-    rank, world = shard
+    rank, world, shards = shard
     part = None
     if world > 1:
         column = pq.read_table(interactions_path(work_dir), columns=["user_id"])
         ids = np.unique(column.column("user_id").to_numpy())  # sorted
-        part = ids[rank::world].tolist()
+        part = ids[np.isin(data_shard(ids, shards), owned_shards(rank, world, shards))]
+        part = part.tolist()
     interactions, users, items, meta = read_ingested(work_dir, part)
     events = split_interactions(interactions)
     if space is None:

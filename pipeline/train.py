@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from models.sharding import LocalPlacement
 from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.prepare import Prepared, prepare
+from pipeline.prepare import Prepared, data_shard, owned_shards, prepare
 from pipeline.tracking import flatten, tracked_run
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Trainer:
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
         self.teacher = self._network(self.teacher_config)
         self.train_examples = prepared.select("warm", "train")
+        shards = data_shard(self.train_examples.user_id, config.data_shards)
+        owned = owned_shards(self.placement.rank, self.placement.world_size, config.data_shards)
+        self.parts = {s: self.train_examples.take(np.flatnonzero(shards == s)) for s in owned}
         if self.placement.sharded:
             # TorchRec's sharded tables add a buffer at their first forward:
             # make it before the EMA pairs the teacher's tensors by name. Past
@@ -189,47 +193,40 @@ class Trainer:
         return Student(network, optimizer, variant)
 
     def _rng(self, *stream: int) -> np.random.Generator:
-        """A generator of its own per use (epoch, student step) and rank, so a
-        resumed run draws what the uninterrupted run would have."""
-        return np.random.default_rng([self.config.seed, self.placement.rank, *stream])
+        """A generator of its own per use, epoch or step, and data shard: what
+        a shard draws does not depend on the rank reading it, and a resumed run
+        draws what the uninterrupted run would have."""
+        return np.random.default_rng([self.config.seed, *stream])
 
-    @property
-    def student(self) -> RecNetwork:
-        return next(iter(self.students.values())).network
-
-    def epoch_examples(self, epoch: int) -> Examples:
-        """This rank's rows of one epoch, shuffled, with fresh negatives.
-
-        Every rank gets as many rows as the rank with the most: the others go
-        round their rows again, so all ranks take the same number of steps.
-        """
-        rng = self._rng(0, epoch)
-        negatives = sample_negatives(
-            self.train_examples,
-            self.prepared.space.num_items,
-            self.seen,
-            self.config.negatives,
-            rng,
-        )
-        examples = Examples.concat([self.train_examples, negatives])
-        order = rng.permutation(len(examples))
-        return examples.take(np.resize(order, self._epoch_rows()))
-
-    def _epoch_rows(self) -> int:
-        rows = len(self.train_examples) * (1 + self.config.negatives)
-        return self.placement.max_int(rows)
-
-    def batch_rows(self) -> int:
-        """Rows per step on this rank: ``batch_size`` is the global batch."""
-        return max(1, self.config.batch_size // self.placement.world_size)
-
-    def batches(self, examples: Examples):
-        size = self.batch_rows()
-        for start in range(0, len(examples), size):
-            yield examples.take(np.arange(start, min(start + size, len(examples))))
+    def part_rows(self) -> int:
+        """Rows each data shard puts in every global batch."""
+        return max(1, self.config.batch_size // self.config.data_shards)
 
     def steps_per_epoch(self) -> int:
-        return -(-self._epoch_rows() // self.batch_rows())
+        """Steps for the largest data shard to go round once, on every rank."""
+        rows = max(len(part) for part in self.parts.values()) * (1 + self.config.negatives)
+        return -(-self.placement.max_int(rows) // self.part_rows())
+
+    def epoch_batches(self, epoch: int) -> Iterator[Examples]:
+        """This rank's part of each global batch of an epoch.
+
+        Each data shard shuffles its rows with fresh negatives and puts
+        ``part_rows()`` of them in every batch; shards smaller than the largest
+        go round their rows again, so all take the same number of steps.
+        """
+        size, steps = self.part_rows(), self.steps_per_epoch()
+        shuffled = []
+        for shard, part in self.parts.items():
+            rng = self._rng(0, epoch, shard)
+            negatives = sample_negatives(
+                part, self.prepared.space.num_items, self.seen, self.config.negatives, rng
+            )
+            rows = Examples.concat([part, negatives])
+            order = np.resize(rng.permutation(len(rows)), steps * size)
+            shuffled.append(rows.take(order))
+        for step in range(steps):
+            window = np.arange(step * size, (step + 1) * size)
+            yield Examples.concat([rows.take(window) for rows in shuffled])
 
     def planned_steps(self) -> int:
         total = self.steps_per_epoch() * self.config.epochs
@@ -263,10 +260,12 @@ class Trainer:
         cut history still only holds the past.
         """
         share = self.config.cold_history_share
-        rng = self._rng(1, self.student_steps)
-        rows = np.flatnonzero(
-            (examples.history_len > ONBOARDING_EVENTS) & (rng.random(len(examples)) < share)
-        )
+        draws = np.empty(len(examples))
+        shards = data_shard(examples.user_id, self.config.data_shards)
+        for shard in np.unique(shards):
+            mine = shards == shard
+            draws[mine] = self._rng(1, self.student_steps, int(shard)).random(mine.sum())
+        rows = np.flatnonzero((examples.history_len > ONBOARDING_EVENTS) & (draws < share))
         if len(rows) == 0:
             return examples
         examples = examples.take(np.arange(len(examples)))  # a copy
@@ -324,13 +323,14 @@ class Trainer:
             total=total, initial=self.step, desc="train teacher", unit="step",
             disable=not self.placement.is_writer,
         )
-        if self.step and self.step % per_epoch == 0:
+        if self.step and self.step % per_epoch == 0 and self.step < total:
             # Resumed at the end of an epoch: validate as the first run did next.
             self.log_validation()
+        first_epoch = self.step // per_epoch if self.step < total else self.config.epochs
         with bar:
-            for epoch in range(self.step // per_epoch, self.config.epochs):
+            for epoch in range(first_epoch, self.config.epochs):
                 skip = self.step - epoch * per_epoch
-                for i, examples in enumerate(self.batches(self.epoch_examples(epoch))):
+                for i, examples in enumerate(self.epoch_batches(epoch)):
                     if i < skip:
                         continue
                     loss = self.teacher_step(Batch.from_examples(examples))
@@ -383,8 +383,7 @@ class Trainer:
         )
         with bar:
             for epoch in range(self.config.student_epochs):
-                examples_of_epoch = self.epoch_examples(self.config.epochs + epoch)
-                for examples in self.batches(examples_of_epoch):
+                for examples in self.epoch_batches(self.config.epochs + epoch):
                     terms = self.student_step(examples)
                     if self.student_steps % LOG_EVERY == 0:
                         self.curves.add(self.step + self.student_steps, terms)
@@ -447,8 +446,10 @@ class Trainer:
                 name: self.placement.unshard(module, config, tokens)
                 for name, (module, config) in networks.items()
             }
-        if self.placement.sharded:
-            self.save_checkpoint(folder / "checkpoints")
+        checkpoints = folder / "checkpoints"
+        last = self._checkpoint_path(checkpoints) / "meta.json"
+        if self.placement.sharded and not last.exists():
+            self.save_checkpoint(checkpoints)
         if not self.placement.is_writer:
             self.buffer.close()
             return
@@ -496,13 +497,16 @@ class Trainer:
             },
         }
 
+    def _checkpoint_path(self, folder: Path) -> Path:
+        return Path(folder) / f"step-{self.step:08d}"
+
     def save_checkpoint(self, folder: Path) -> Path:
         """Writes ``folder/step-N`` on every rank (collective) and keeps the last two.
 
         Rank 0 writes ``meta.json`` last: a checkpoint without it is
         incomplete (the run died while writing) and is never resumed from.
         """
-        path = Path(folder) / f"step-{self.step:08d}"
+        path = self._checkpoint_path(folder)
         dcp.save(self._checkpoint_state(), checkpoint_id=path)
         self.placement.barrier()
         if self.placement.is_writer:
@@ -609,7 +613,7 @@ def run_train(
 
 
 def _train(config, variants, adaptive_ema, resume, placement) -> dict:
-    shard = (placement.rank, placement.world_size)
+    shard = (placement.rank, placement.world_size, config.train.data_shards)
     prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
     folder = model_dir(config.work_dir)
     checkpoints = folder / "checkpoints"
@@ -665,8 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="a PipelineConfig file")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    # force: importing TorchRec has already configured the root logger.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format=f"%(asctime)s rank {os.environ.get('RANK', 0)} %(levelname)s %(name)s: "
+        "%(message)s",
+        force=True,
     )
     config = PipelineConfig.from_file(args.config)
     if not config.train.nproc:

@@ -27,9 +27,9 @@ from pipeline.train import Trainer
 def main(work_dir: str, out: str, steps: int) -> None:
     init_process_group()
     placement = ShardedPlacement("table_wise")
-    shard = (placement.rank, placement.world_size)
-    prepared = prepare(Path(work_dir), 20, shard=shard)
     config = TrainConfig(background_sync=False, student_epochs=0)
+    shard = (placement.rank, placement.world_size, config.data_shards)
+    prepared = prepare(Path(work_dir), 20, shard=shard)
     trainer = Trainer(prepared, config, placement=placement)
     tokens = prepared.space.item_tokens
 
@@ -41,7 +41,7 @@ def main(work_dir: str, out: str, steps: int) -> None:
     local_rows = {
         name: tuple(trainer.ema.shadow[name].shape) for name in trainer.ema.lazy_tables
     }
-    batches = trainer.batches(trainer.epoch_examples(0))
+    batches = trainer.epoch_batches(0)
     for _, examples in zip(range(steps), batches):
         trainer.teacher_step(Batch.from_examples(examples))
         network = whole()
