@@ -153,6 +153,9 @@ def _count(text: str) -> int:
 def cmd_plan(args) -> int:
     from pipeline.plan import format_plan, plan_memory
 
+    if not args.verbose:  # the planner narrates every proposal it tries
+        logging.getLogger("torchrec").setLevel(logging.WARNING)
+
     plan, ranks, dense = plan_memory(
         args.users, args.items, args.dim, args.world_size, args.sharding,
         batch_size=args.batch_size, history=args.history, hbm_gb=args.hbm_gb,
@@ -215,7 +218,9 @@ def make_parser() -> argparse.ArgumentParser:
     plan.add_argument("--items", type=_count, required=True, help="e.g. 10M")
     plan.add_argument("--dim", type=int, default=128)
     plan.add_argument("--world-size", type=int, required=True, help="GPUs in all")
-    plan.add_argument("--sharding", default="auto", help="auto, table_wise, row_wise, ...")
+    plan.add_argument(
+        "--sharding", default="row_wise", help="row_wise, table_wise, column_wise or auto"
+    )
     plan.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
     plan.add_argument("--batch-size", type=_count, default=65536, help="global batch")
     plan.add_argument("--history", type=int, default=20, help="history items per example")
