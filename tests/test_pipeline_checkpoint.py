@@ -1,0 +1,57 @@
+"""Checkpoints of the default (unsharded) trainer: the same code as a sharded
+run's, through ``torch.distributed.checkpoint`` in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.ingest import run_ingest
+from pipeline.prepare import prepare
+from pipeline.train import Trainer, complete_checkpoints
+
+
+@pytest.fixture(scope="module")
+def prepared(ml100k_dir: Path, tmp_path_factory):
+    work = tmp_path_factory.mktemp("checkpoint")
+    run_ingest(PipelineConfig(data=ml100k_dir, work_dir=work))
+    return prepare(work, 20)
+
+
+def test_resumed_trainer_ends_where_the_uninterrupted_one_does(prepared, tmp_path):
+    config = TrainConfig(
+        max_steps=60, epochs=1, student_epochs=0, checkpoint_every=20, background_sync=False
+    )
+    whole = Trainer(prepared, config)
+    whole.run(tmp_path / "whole")
+    cut = Trainer(prepared, config.model_copy(update={"max_steps": 40}))
+    cut.run(tmp_path / "cut")
+    done = complete_checkpoints(tmp_path / "cut")
+    assert [p.name for p in done] == ["step-00000020", "step-00000040"]
+
+    resumed = Trainer(prepared, config)
+    resumed.load_checkpoint(done[-1])
+    assert resumed.step == 40 and resumed.ema.num_updates == 40
+    resumed.run(tmp_path / "resumed")
+    pairs = [
+        (whole.teacher, resumed.teacher),
+        (whole.students["student"].network, resumed.students["student"].network),
+    ]
+    for ours, theirs in pairs:
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    a, b = whole.ema.synced_shadow(), resumed.ema.synced_shadow()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_checkpoint_of_another_world_size_is_refused(prepared, tmp_path):
+    config = TrainConfig(max_steps=20, epochs=1, student_epochs=0, checkpoint_every=20)
+    trainer = Trainer(prepared, config)
+    trainer.run(tmp_path)
+    path = complete_checkpoints(tmp_path)[-1]
+    meta = path / "meta.json"
+    meta.write_text(meta.read_text().replace('"world_size": 1', '"world_size": 2'))
+    with pytest.raises(ValueError, match="--nproc 2"):
+        Trainer(prepared, config).load_checkpoint(path)
