@@ -214,7 +214,7 @@ class ShardedPlacement:
             for table, option in self.plan_for(module, table_module).items():
                 feature = table.removeprefix("t_")
                 for shard in option.sharding_spec.shards:
-                    if _rank_of(shard.placement) == self.rank:
+                    if shard.placement.rank() == self.rank:
                         shards[table_param(table_module, feature)] = _Shard(
                             shard.shard_offsets[0], shard.shard_sizes[0]
                         )
@@ -337,10 +337,6 @@ def _load_local_shards(module: nn.Module, whole: dict[str, torch.Tensor]) -> Non
         for shard in tensor.local_shards():
             (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             shard.tensor.copy_(whole[name][row : row + rows, col : col + cols])
-
-
-def _rank_of(placement) -> int:
-    return placement.rank() if hasattr(placement, "rank") else int(str(placement).split(":")[1].split("/")[0])
 
 
 def _all_gather_1d(values: torch.Tensor, sizes: list[int], world: int) -> list[list[torch.Tensor]]:

@@ -6,6 +6,13 @@ snapshot. Every ``distill_interval`` teacher steps the student takes one
 distillation step on the batches seen since its last step, against the current
 snapshot. After the teacher's last epoch, the student may take
 ``student_epochs`` more passes against the final snapshot.
+
+The same trainer runs in one process or as one rank of a TorchRec-sharded run
+under ``torchrun`` (``python -m pipeline.train --config FILE``): a placement
+(``models.sharding``) builds the networks and optimizers, and the batches are
+assembled from fixed user shards, so the result does not depend on the number
+of processes. Checkpoints (``torch.distributed.checkpoint``) let a killed run
+resume where its last one left off.
 """
 
 from __future__ import annotations
