@@ -129,6 +129,8 @@ class ModelBundle:
 
     @torch.no_grad()
     def _build_caches(self) -> None:
+        """Everything requests reuse: candidate items per network, known users'
+        teacher encodings and embeddings, and their seen items' indices."""
         self._teacher_items = self.teacher.candidate_cache(self._candidates)
         self._student_items = self.student.candidate_cache(self._candidates)
         user_ids = list(self._users)
@@ -136,16 +138,14 @@ class ModelBundle:
         self._known = self._encode_known(user_ids)
         self._known_embeddings = self._known.user.numpy().astype(np.float32)
         self._seen_index = {
-            user_id: torch.from_numpy(self.space.item_index(list(self.seen_items(user_id))))
-            for user_id in user_ids
+            user_id: self._item_index(self.seen_items(user_id)) for user_id in user_ids
         }
 
     def _encode_known(self, user_ids: list[int]) -> EncodedUsers:
         """Teacher encodings of known users, ``[U, ...]`` in ``user_ids`` order."""
-        parts = [
-            self.teacher.encode_users(self._known_batch(user_ids[i : i + ENCODE_CHUNK]))
-            for i in range(0, len(user_ids), ENCODE_CHUNK)
-        ]
+        starts = range(0, len(user_ids), ENCODE_CHUNK)
+        chunks = [user_ids[i : i + ENCODE_CHUNK] for i in starts]
+        parts = [self.teacher.encode_users(self._known_batch(c)) for c in chunks]
         if not parts:
             d, width = self.embedding_dim, self.max_history
             empty = torch.zeros(0, width, dtype=torch.bool)
@@ -232,23 +232,25 @@ class ModelBundle:
         """Top ``k`` items a new user has not touched, from the cached items."""
         users = self.student.encode_users(self._cold_batch([user]))
         score = self.student.score_encoded(users, self._student_items)[0]
-        excluded = torch.from_numpy(self.space.item_index(list(set(user.item_ids))))
-        return self._top(score, excluded, k)
+        return self._top(score, self._item_index(user.item_ids), k)
 
     @torch.no_grad()
     def compute_recommend_known(self, user_id: int, k: int) -> list[Scored]:
         """:meth:`recommend_known` through the whole network, bypassing the caches."""
         batch = self._known_batch([user_id])
         score = self.teacher.score_candidates(batch, self._candidates)[0]
-        excluded = self.space.item_index(list(self.seen_items(user_id)))
-        return self._top(score, torch.from_numpy(excluded), k)
+        return self._top(score, self._item_index(self.seen_items(user_id)), k)
 
     @torch.no_grad()
     def compute_recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
         """:meth:`recommend_cold` through the whole network, bypassing the caches."""
-        score = self.student.score_candidates(self._cold_batch([user]), self._candidates)[0]
-        excluded = self.space.item_index(list(set(user.item_ids)))
-        return self._top(score, torch.from_numpy(excluded), k)
+        batch = self._cold_batch([user])
+        score = self.student.score_candidates(batch, self._candidates)[0]
+        return self._top(score, self._item_index(user.item_ids), k)
+
+    def _item_index(self, item_ids) -> torch.Tensor:
+        """Item indices of distinct item ids, ``[M]``."""
+        return torch.from_numpy(self.space.item_index(list(set(item_ids))))
 
     def _top(self, score: torch.Tensor, excluded: torch.Tensor, k: int) -> list[Scored]:
         """Best ``k`` of ``score`` (log P(interact) + log P(like), ``[num_items]``),
