@@ -27,8 +27,11 @@ A soak (``EMAREC_BENCH_SOAK_S``, default 600; 0 skips it) then runs a fresh
 server at the production flush interval (30 s, charts included) under a
 steady mix at 50 req/s (lookups, cold embeddings, warm and cold
 recommendations, feedback) and compares the server's RSS after a warm-up
-(one minute, or half the soak if shorter) with the end. The recommendation
-log is bounded but fills during the soak, so some growth is expected.
+(one minute, or half the soak if shorter) with the middle and the end. The
+recommendation log is bounded but fills during the soak, so some growth is
+expected: its share is estimated from the recommendations made after the
+warm-up times the heap bytes of one log entry (measured here with
+``tracemalloc``), and the rest of the growth is reported beside it.
 
 Micro-batching of concurrent cold-user requests is measured, not built: the
 in-process cost of embedding 1 user against 16 at once gives the most a batch
@@ -503,6 +506,7 @@ def soak_phase(bundle: Path, work: Path, payloads: Payloads, seconds: float) -> 
         result, samples = run_async(_soak(url, server.pid, payloads, seconds))
     warmup = min(SOAK_WARMUP_S, seconds / 2)
     start_mb = next(mb for at, mb in samples if at >= warmup)
+    mid_mb = next(mb for at, mb in samples if at >= (warmup + seconds) / 2)
     latency = percentiles(result.all_latency_ms())
     out = {f"serving_soak_{k}_ms": round(v, 3) for k, v in latency.items()}
     out.update(
@@ -510,15 +514,54 @@ def soak_phase(bundle: Path, work: Path, payloads: Payloads, seconds: float) -> 
         serving_soak_rate=SOAK_RATE,
         serving_soak_errors=result.errors,
         serving_soak_warmup_s=warmup,
+        serving_soak_rss_ready_mb=round(samples[0][1], 1),
         serving_soak_rss_start_mb=round(start_mb, 1),
+        serving_soak_rss_mid_mb=round(mid_mb, 1),
         serving_soak_rss_end_mb=round(samples[-1][1], 1),
         serving_soak_rss_max_mb=round(max(mb for _, mb in samples), 1),
         serving_soak_plots=serving_plots(soak_dir),
     )
+    out.update(log_share(result, seconds, warmup, samples[-1][1] - start_mb))
     out["serving_soak_flushes"] = flush_count(soak_dir)
     if result.error_samples:
         logger.warning("soak errors, e.g. %s", result.error_samples)
     return out
+
+
+def log_entry_bytes(entries: int = 2000) -> float:
+    """Python heap bytes one recommendation log entry holds once its feedback
+    (all items shown, one clicked) is recorded, as the soak's are."""
+    import tracemalloc
+
+    from serving.recommendations import RecommendationLog
+
+    log = RecommendationLog(entries)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(entries):
+        items = list(range(i, i + K))
+        stored = log.add("warm", "1", items)
+        log.record(stored.recommendation_id, items, items[:1])
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return used / entries
+
+
+def log_share(
+    result: LoadResult, seconds: float, warmup: float, growth_mb: float
+) -> dict:
+    """How much of the soak's RSS growth after warm-up the recommendation log
+    explains: recommendations made after the warm-up (taken as evenly spread
+    over the soak) times the bytes of one entry."""
+    made = sum(len(result.latency_ms.get(label, [])) for label in ("warm", "cold"))
+    after_warmup = made * (seconds - warmup) / seconds
+    log_mb = after_warmup * log_entry_bytes() / 2**20
+    return {
+        "serving_soak_recommendations": made,
+        "serving_soak_rss_growth_mb": round(growth_mb, 1),
+        "serving_soak_log_growth_mb_estimate": round(log_mb, 1),
+        "serving_soak_rss_growth_beyond_log_mb": round(growth_mb - log_mb, 1),
+    }
 
 
 def _serving_run(work: Path):

@@ -17,8 +17,12 @@ import pandas as pd
 import torch
 
 from data.features import FeatureSpace
-from models.network import Batch
+from models.network import Batch, EncodedUsers
 from models.store import load_network
+
+# Known users are encoded at load in chunks of this many, to bound the memory
+# of the intermediate tensors.
+ENCODE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,11 @@ class Scored:
 
 
 class Predictor(Protocol):
-    """What serving needs from a model; ``ModelBundle`` is the real one."""
+    """What serving needs from a model; ``ModelBundle`` is the real one.
+
+    ``user_embeddings`` of known users must be a memory read, not a network
+    call: serving calls it on the event loop.
+    """
 
     version: str
     embedding_dim: int
@@ -84,6 +92,14 @@ class ModelBundle:
     Known users are served by the EMA teacher with the history the bundle
     holds for them; new users by the INT8 student from what the request says.
     Inference is read-only, so one bundle serves concurrent threads.
+
+    Everything that does not depend on the request is computed once, when the
+    bundle is loaded (so before a new version is swapped in): the known users'
+    teacher encodings (embedding, history vectors and mask) and, per network,
+    the candidate items' vectors and attention queries. A known user's
+    embedding is then a row lookup, and a recommendation only runs the
+    attention and the head. The caches take about
+    ``users * (max_history + 1) * embedding_dim`` floats.
     """
 
     def __init__(self, path: Path, version: str = "local"):
@@ -107,6 +123,7 @@ class ModelBundle:
         self.user_feature_names = tuple(self.space.user_features)
         self._candidates = torch.arange(self.space.num_items)
         self._load_tables(path)
+        self._build_caches()
 
     def _load_tables(self, path: Path) -> None:
         users = pd.read_parquet(path / "users.parquet")
@@ -116,6 +133,35 @@ class ModelBundle:
         items = pd.read_parquet(path / "items.parquet")
         self._titles = dict(zip(items.item_id.astype(int), items.title.astype(str)))
         self._item_ids = np.array([0, *self.space.item_ids], dtype=np.int64)
+
+    @torch.no_grad()
+    def _build_caches(self) -> None:
+        """Everything requests reuse: candidate items per network, known users'
+        teacher encodings and embeddings, and their seen items' indices."""
+        self._teacher_items = self.teacher.candidate_cache(self._candidates)
+        self._student_items = self.student.candidate_cache(self._candidates)
+        user_ids = list(self._users)
+        self._user_row = {user_id: row for row, user_id in enumerate(user_ids)}
+        self._known = self._encode_known(user_ids)
+        self._known_embeddings = self._known.user.numpy().astype(np.float32)
+        self._seen_index = {
+            user_id: self._item_index(self.seen_items(user_id)) for user_id in user_ids
+        }
+
+    def _encode_known(self, user_ids: list[int]) -> EncodedUsers:
+        """Teacher encodings of known users, ``[U, ...]`` in ``user_ids`` order."""
+        starts = range(0, len(user_ids), ENCODE_CHUNK)
+        chunks = [user_ids[i : i + ENCODE_CHUNK] for i in starts]
+        parts = [self.teacher.encode_users(self._known_batch(c)) for c in chunks]
+        if not parts:
+            d, width = self.embedding_dim, self.max_history
+            empty = torch.zeros(0, width, dtype=torch.bool)
+            return EncodedUsers(torch.zeros(0, d), torch.zeros(0, width, d), empty)
+        return EncodedUsers(
+            torch.cat([p.user for p in parts]),
+            torch.cat([p.history for p in parts]),
+            torch.cat([p.mask for p in parts]),
+        )
 
     def has_user(self, user_id: int) -> bool:
         return int(user_id) in self._users
@@ -163,8 +209,18 @@ class ModelBundle:
             history_len=torch.from_numpy(lengths),
         )
 
-    @torch.no_grad()
     def user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray:
+        """Known users' EMA-teacher embeddings, ``[B, D]``, from the load-time cache.
+
+        Raises:
+            KeyError: a user is not known.
+        """
+        rows = [self._user_row[int(u)] for u in user_ids]
+        return self._known_embeddings[rows]
+
+    @torch.no_grad()
+    def compute_user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray:
+        """:meth:`user_embeddings` through the teacher network, bypassing the cache."""
         user, _, _ = self.teacher.encode_user(self._known_batch(user_ids))
         return user.numpy().astype(np.float32)
 
@@ -173,20 +229,44 @@ class ModelBundle:
         user, _, _ = self.student.encode_user(self._cold_batch(users))
         return user.numpy().astype(np.float32)
 
+    @torch.no_grad()
     def recommend_known(self, user_id: int, k: int) -> list[Scored]:
-        batch = self._known_batch([user_id])
-        return self._top(self.teacher, batch, self.seen_items(user_id), k)
-
-    def recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
-        return self._top(self.student, self._cold_batch([user]), set(user.item_ids), k)
+        """Top ``k`` unseen items for a known user, from the cached encodings."""
+        row = self._user_row[int(user_id)]
+        users = self._known.rows(slice(row, row + 1))
+        score = self.teacher.score_encoded(users, self._teacher_items)[0]
+        return self._top(score, self._seen_index[int(user_id)], k)
 
     @torch.no_grad()
-    def _top(self, model, batch: Batch, exclude, k: int) -> list[Scored]:
-        # log P(interact) + log P(like) per item: [num_items]
-        score = model.score_candidates(batch, self._candidates)[0]
+    def recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
+        """Top ``k`` items a new user has not touched, from the cached items."""
+        users = self.student.encode_users(self._cold_batch([user]))
+        score = self.student.score_encoded(users, self._student_items)[0]
+        return self._top(score, self._item_index(user.item_ids), k)
+
+    @torch.no_grad()
+    def compute_recommend_known(self, user_id: int, k: int) -> list[Scored]:
+        """:meth:`recommend_known` through the whole network, bypassing the caches."""
+        batch = self._known_batch([user_id])
+        score = self.teacher.score_candidates(batch, self._candidates)[0]
+        return self._top(score, self._item_index(self.seen_items(user_id)), k)
+
+    @torch.no_grad()
+    def compute_recommend_cold(self, user: ColdUser, k: int) -> list[Scored]:
+        """:meth:`recommend_cold` through the whole network, bypassing the caches."""
+        batch = self._cold_batch([user])
+        score = self.student.score_candidates(batch, self._candidates)[0]
+        return self._top(score, self._item_index(user.item_ids), k)
+
+    def _item_index(self, item_ids) -> torch.Tensor:
+        """Item indices of distinct item ids, ``[M]``."""
+        return torch.from_numpy(self.space.item_index(list(set(item_ids))))
+
+    def _top(self, score: torch.Tensor, excluded: torch.Tensor, k: int) -> list[Scored]:
+        """Best ``k`` of ``score`` (log P(interact) + log P(like), ``[num_items]``),
+        leaving out the padding item and the ``excluded`` item indices."""
         score[0] = -torch.inf
-        excluded = self.space.item_index(list(exclude))
-        score[torch.from_numpy(excluded)] = -torch.inf
+        score[excluded] = -torch.inf
         k = min(k, int(torch.isfinite(score).sum()))
         values, index = torch.topk(score, k)
         probability = torch.exp(values)

@@ -81,6 +81,40 @@ def _in_order(pooled, keys: list[str]) -> torch.Tensor:
     return torch.cat([values[k] for k in keys], 1)
 
 
+@dataclass(frozen=True)
+class CandidateCache:
+    """The item-only part of scoring a fixed candidate set, computed once.
+
+    Attributes:
+        candidates: the item indices, ``[N]``.
+        items: their item vectors, ``[N, D]``.
+        queries: their attention queries, ``query(items)``, ``[N, D]``.
+    """
+
+    candidates: torch.Tensor
+    items: torch.Tensor
+    queries: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EncodedUsers:
+    """The user-side part of scoring, computed once for a set of users.
+
+    Attributes:
+        user: user embeddings, ``[B, D]``.
+        history: history item vectors, zero past each length, ``[B, L, D]``.
+        mask: which history entries are real, ``[B, L]``.
+    """
+
+    user: torch.Tensor
+    history: torch.Tensor
+    mask: torch.Tensor
+
+    def rows(self, index: slice) -> "EncodedUsers":
+        """The users in ``index`` (a slice keeps the batch dimension)."""
+        return EncodedUsers(self.user[index], self.history[index], self.mask[index])
+
+
 def rank_score(logits: torch.Tensor) -> torch.Tensor:
     """``log P(interact) + log P(like)`` from ``[..., 2]`` (like, interact) logits."""
     return F.logsigmoid(logits).sum(-1)
@@ -239,10 +273,48 @@ class RecNetwork(nn.Module):
         logits, _ = self._score(user, history, mask, items)
         return rank_score(logits)
 
-    def _score(self, user, history, mask, items):
-        """user [B, D], history [B, L, D], mask [B, L], items [B, N, D]."""
+    def encode_users(self, batch: Batch) -> EncodedUsers:
+        """:meth:`encode_user` as one object, to keep and reuse."""
+        return EncodedUsers(*self.encode_user(batch))
+
+    def candidate_cache(self, candidates: torch.Tensor) -> CandidateCache:
+        """The item-only work of :meth:`score_candidates`, to do once.
+
+        The candidates go through the item layers as one batch, as they do in
+        :meth:`score_candidates`, so dynamically quantized layers (whose
+        activation scale depends on the batch) give the same vectors.
+
+        Args:
+            candidates: item indices, ``[N]``.
+
+        Returns:
+            Their item vectors and attention queries.
+        """
+        items = self.item_vectors(candidates)  # [N, D]
+        return CandidateCache(candidates, items, self.query(items[None])[0])
+
+    def score_encoded(self, users: EncodedUsers, cache: CandidateCache) -> torch.Tensor:
+        """:meth:`score_candidates` from encoded users and cached candidates.
+
+        Args:
+            users: from :meth:`encode_users`, ``B`` users.
+            cache: from :meth:`candidate_cache`.
+
+        Returns:
+            Ranking scores, ``[B, N]``.
+        """
+        size = users.user.shape[0]
+        items = cache.items[None].expand(size, -1, -1)  # [B, N, D]
+        queries = cache.queries[None].expand(size, -1, -1)  # [B, N, D]
+        logits, _ = self._score(users.user, users.history, users.mask, items, queries)
+        return rank_score(logits)
+
+    def _score(self, user, history, mask, items, queries=None):
+        """user [B, D], history [B, L, D], mask [B, L], items [B, N, D];
+        queries [B, N, D] is ``query(items)``, computed here when ``None``."""
         d = self.config.embedding_dim
-        scores = torch.einsum("bnd,bld->bnl", self.query(items), self.key(history))
+        queries = self.query(items) if queries is None else queries
+        scores = torch.einsum("bnd,bld->bnl", queries, self.key(history))
         scores = scores / math.sqrt(d)
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         # A user with no history attends to nothing: weights stay zero, not NaN.

@@ -3,6 +3,9 @@
 Known (warm) users are served from the EMA teacher, new (cold) users from the
 INT8 student. Handlers that call the model are plain ``def`` functions, so
 FastAPI runs the blocking model calls in its threadpool, off the event loop.
+The known-user embedding is the exception: it is a row of a table the model
+computed when it was loaded, so its handler is ``async`` and skips the
+threadpool hop.
 
 The model follows the registry alias (:mod:`serving.watcher`): each request
 takes the serving model once and answers with its version, in the body's
@@ -51,7 +54,7 @@ from serving.schemas import (
     RecommendedItem,
     UserEmbeddingResponse,
 )
-from serving.state import Model, ServingState, State
+from serving.state import Model, ServingState, State, serving_state, take_model
 from serving.watcher import ModelWatcher, ServedModel
 
 __all__ = [
@@ -262,11 +265,17 @@ async def metrics(state: State) -> Response:
     return Response(body, media_type=content_type)
 
 
+# Async on purpose: known users' embeddings are computed when the model is
+# loaded, so this is a memory read; a threadpool hop would cost more than it.
+# The hottest route, so it takes the request instead of the State and Model
+# dependencies: resolving them costs about as much as the handler itself.
 @router.get("/v1/users/{user_id}/embedding", response_model=UserEmbeddingResponse)
-def user_embedding(
-    user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)], state: State, model: Model
+async def user_embedding(
+    user_id: Annotated[int, PathParam(ge=0, le=MAX_ID)], request: Request
 ) -> UserEmbeddingResponse:
     """Embedding of a known user from the EMA teacher."""
+    state = serving_state(request)
+    model = take_model(request, state)
     with _timed(state, model.version, "embedding"):
         predictor = model.predictor
         if not predictor.has_user(user_id):

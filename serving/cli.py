@@ -38,6 +38,37 @@ def mlflow_serving_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+def torch_threads(settings: ServingSettings) -> None:
+    """Size torch's thread pools for serving, before any model runs.
+
+    torch defaults to one intra-op thread per core in every request thread,
+    so concurrent requests oversubscribe the cores: on 2 cores, embedding
+    lookups at 200 req/s queued for seconds with the default, and kept a p99
+    of tens of milliseconds with ``OMP_NUM_THREADS=1``.
+
+    Args:
+        settings: ``torch_threads`` and ``torch_interop_threads``.
+    """
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        torch.set_num_interop_threads(settings.torch_interop_threads)
+    # torch allows this once per process, before any inter-op work.
+    except RuntimeError as exc:
+        logger.warning(
+            "torch inter-op threads stay at %d, not %d: %s",
+            torch.get_num_interop_threads(),
+            settings.torch_interop_threads,
+            exc,
+        )
+    logger.info(
+        "torch threads: %d intra-op, %d inter-op",
+        torch.get_num_threads(),
+        torch.get_num_interop_threads(),
+    )
+
+
 def serve(settings: ServingSettings | None = None) -> None:
     """Serve the model with uvicorn until interrupted.
 
@@ -46,6 +77,7 @@ def serve(settings: ServingSettings | None = None) -> None:
     """
     settings = settings or ServingSettings()
     mlflow_serving_defaults()
+    torch_threads(settings)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info"

@@ -32,6 +32,10 @@ class ServingSettings(BaseSettings):
         admin_token: bearer token of the ``/v1/admin`` endpoints; they are
             disabled while it is unset.
         max_body_bytes: largest request body accepted; larger ones get 413.
+        torch_threads: torch intra-op threads of the serving process. Each
+            request is small and the threadpool already runs requests side by
+            side, so one thread per request avoids oversubscribing the cores.
+        torch_interop_threads: torch inter-op threads of the serving process.
     """
 
     model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
@@ -52,6 +56,8 @@ class ServingSettings(BaseSettings):
     model_cache: int = 3
     admin_token: SecretStr | None = None
     max_body_bytes: int = 64 * 1024
+    torch_threads: int = 1
+    torch_interop_threads: int = 1
 
     @field_validator(
         "tracking_uri", "model_name", "model_alias", "host", "serving_experiment"
@@ -112,6 +118,8 @@ class ServingSettings(BaseSettings):
         "recommendation_cache",
         "model_cache",
         "max_body_bytes",
+        "torch_threads",
+        "torch_interop_threads",
     )
     @classmethod
     def _positive_limit(cls, value: int, info: ValidationInfo) -> int:

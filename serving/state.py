@@ -37,20 +37,37 @@ class ServingState:
         return self.reporters.get(self.watcher.current.version)
 
 
+def serving_state(request: Request) -> ServingState:
+    """The app's shared state, for handlers that take no dependencies."""
+    return request.app.state.serving
+
+
+def take_model(request: Request, state: ServingState) -> ServedModel:
+    """The model for this request, taken once: a swap while it runs does not
+    change it, and its version goes into the response's header.
+
+    Args:
+        request: the request being handled.
+        state: the app's shared state.
+
+    Returns:
+        The model serving now.
+    """
+    served = state.watcher.current
+    stamp_model_version(request, served.version)
+    return served
+
+
 # Async so resolving them never waits for a threadpool slot.
 async def _state(request: Request) -> ServingState:
-    return request.app.state.serving
+    return serving_state(request)
 
 
 State = Annotated[ServingState, Depends(_state)]
 
 
 async def _model(request: Request, state: State) -> ServedModel:
-    """The model for this request, taken once: a swap while it runs does not
-    change it, and its version goes into the response's header."""
-    served = state.watcher.current
-    stamp_model_version(request, served.version)
-    return served
+    return take_model(request, state)
 
 
 Model = Annotated[ServedModel, Depends(_model)]

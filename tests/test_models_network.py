@@ -168,6 +168,46 @@ def test_score_candidates_matches_forward(space, teacher) -> None:
             )
 
 
+def _serving_networks(space, teacher, student) -> dict:
+    return {
+        "teacher": teacher[0],
+        "student": student[0],
+        "student_int8": quantize_tables(student[0]),
+        "student_int8_dense": quantize_dense(quantize_tables(student[0])),
+    }
+
+
+@pytest.mark.parametrize(
+    "which", ["teacher", "student", "student_int8", "student_int8_dense"]
+)
+def test_cached_candidates_score_like_score_candidates(
+    space, teacher, student, which: str
+) -> None:
+    model = _serving_networks(space, teacher, student)[which]
+    batch = make_batch(space, seed=11)
+    candidates = torch.arange(space.num_items)
+    with torch.no_grad():
+        direct = model.score_candidates(batch, candidates)
+        cache = model.candidate_cache(candidates)
+        cached = model.score_encoded(model.encode_users(batch), cache)
+    # Same operations on the same tensors; only the order of work differs.
+    torch.testing.assert_close(cached, direct, atol=1e-6, rtol=0)
+
+
+def test_encoded_users_can_be_scored_one_row_at_a_time(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=12)
+    with torch.no_grad():
+        cache = model.candidate_cache(torch.arange(space.num_items))
+        users = model.encode_users(batch)
+        together = model.score_encoded(users, cache)
+        rows = [
+            model.score_encoded(users.rows(slice(i, i + 1)), cache) for i in range(B)
+        ]
+    assert users.rows(slice(2, 3)).history.shape == (1, L, D)
+    torch.testing.assert_close(torch.cat(rows), together, atol=1e-6, rtol=0)
+
+
 def test_teacher_has_a_user_id_table_the_student_lacks(space, teacher, student) -> None:
     t_state, s_state = teacher[0].state_dict(), student[0].state_dict()
     id_keys = [k for k in t_state if "t_user_id" in k]

@@ -566,6 +566,8 @@ def test_settings_default_tracking_uri_is_local_sqlite(monkeypatch):
         ("recommendation_cache", -1, "EMAREC_RECOMMENDATION_CACHE"),
         ("model_dir", "/nonexistent/bundle", "EMAREC_MODEL_DIR"),
         ("model_name", " ", "EMAREC_MODEL_NAME"),
+        ("torch_threads", 0, "EMAREC_TORCH_THREADS"),
+        ("torch_interop_threads", -1, "EMAREC_TORCH_INTEROP_THREADS"),
     ],
 )
 def test_invalid_setting_names_field_and_fix(field, value, hint):

@@ -10,10 +10,12 @@ import sys
 import uuid
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from models.bundle import load_bundle
 from pipeline.replay import replay_test_period
 from tests.conftest import E2E_MODEL
 from tests.servers import Process, child_env, free_port
@@ -66,6 +68,32 @@ def test_known_user_gets_ema_teacher_embedding(server):
     assert body["source"] == "ema_teacher"
     assert len(body["embedding"]) == config.train.embedding_dim
     assert httpx.get(f"{url}/v1/users/5/embedding").status_code == 404  # cold user
+
+
+def test_served_embeddings_and_recommendations_match_the_networks(server):
+    """The server's load-time caches answer what the networks compute directly."""
+    url, config, _, _ = server
+    bundle = load_bundle(config.work_dir / "bundle")
+    users = pd.read_parquet(config.work_dir / "bundle" / "users.parquet")
+    for user_id in users.user_id.astype(int).iloc[:5]:
+        body = httpx.get(f"{url}/v1/users/{user_id}/embedding").json()
+        direct = bundle.compute_user_embeddings([user_id])[0]
+        np.testing.assert_allclose(body["embedding"], direct, atol=1e-5, rtol=0)
+        rec = httpx.post(
+            f"{url}/v1/recommendations", json={"user_id": int(user_id), "k": 10}
+        ).json()
+        expected = bundle.compute_recommend_known(int(user_id), 10)
+        assert [i["item_id"] for i in rec["items"]] == [s.item_id for s in expected]
+        np.testing.assert_allclose(
+            [i["score"] for i in rec["items"]],
+            [s.score for s in expected],
+            atol=1e-5,
+        )
+
+
+def test_server_sizes_torch_threads_from_settings(server):
+    _, _, _, process = server
+    assert "torch threads: 1 intra-op, 1 inter-op" in process.log_text()
 
 
 def test_new_users_get_student_embeddings_in_a_batch(server):

@@ -1,0 +1,123 @@
+"""models.bundle: the load-time caches serve what the networks compute.
+
+A bundle precomputes known users' teacher encodings and every candidate's
+item-side work when it is loaded. These tests load the bundle of the session's
+pipeline run and compare each cached path against the direct network call.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import ColdUser, ModelBundle, load_bundle
+
+# Batched and one-user teacher calls differ in float rounding only (measured
+# below 1e-6); scores are probabilities compared with the same slack.
+ATOL = 1e-5
+SAMPLE_USERS = 60
+
+
+@pytest.fixture(scope="module")
+def bundle(pipeline_run) -> ModelBundle:
+    config, _ = pipeline_run
+    return load_bundle(config.work_dir / "bundle", "test")
+
+
+def known_users(bundle: ModelBundle) -> list[int]:
+    users = sorted(bundle._users)
+    return random.Random(0).sample(users, min(SAMPLE_USERS, len(users)))
+
+
+def cold_users(bundle: ModelBundle, count: int = 30) -> list[ColdUser]:
+    rng = random.Random(1)
+    items = [int(i) for i in bundle.space.item_ids]
+    features = [{}, {"gender": "F", "age": "31"}, {"occupation": "writer"}]
+    return [
+        ColdUser(rng.choice(features), tuple(rng.sample(items, rng.randint(1, 8))))
+        for _ in range(count)
+    ]
+
+
+def assert_same_recommendations(cached, direct, what: str) -> None:
+    assert [s.item_id for s in cached] == [s.item_id for s in direct], what
+    np.testing.assert_allclose(
+        [s.score for s in cached], [s.score for s in direct], atol=ATOL, err_msg=what
+    )
+
+
+def test_known_user_embeddings_match_the_teacher_network(bundle) -> None:
+    users = known_users(bundle)
+    cached = bundle.user_embeddings(users)
+    one_by_one = np.concatenate([bundle.compute_user_embeddings([u]) for u in users])
+    assert cached.shape == (len(users), bundle.embedding_dim)
+    assert cached.dtype == np.float32
+    np.testing.assert_allclose(cached, one_by_one, atol=ATOL, rtol=0)
+
+
+def test_every_known_user_has_a_cached_embedding(bundle) -> None:
+    users = sorted(bundle._users)
+    cached = bundle.user_embeddings(users)
+    batched = bundle.compute_user_embeddings(users)
+    np.testing.assert_allclose(cached, batched, atol=ATOL, rtol=0)
+
+
+def test_cached_embedding_is_a_copy_callers_may_change(bundle) -> None:
+    user = known_users(bundle)[0]
+    first = bundle.user_embeddings([user])
+    first[:] = 0.0
+    assert np.any(bundle.user_embeddings([user]) != 0.0)
+
+
+def test_unknown_user_embedding_is_a_key_error(bundle) -> None:
+    with pytest.raises(KeyError):
+        bundle.user_embeddings([10**9])
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_warm_recommendations_match_the_full_network(bundle, k: int) -> None:
+    for user in known_users(bundle):
+        assert_same_recommendations(
+            bundle.recommend_known(user, k),
+            bundle.compute_recommend_known(user, k),
+            f"user {user}, k={k}",
+        )
+
+
+def test_cold_recommendations_match_the_full_network(bundle) -> None:
+    for user in cold_users(bundle):
+        assert_same_recommendations(
+            bundle.recommend_cold(user, 10),
+            bundle.compute_recommend_cold(user, 10),
+            f"cold user {user}",
+        )
+
+
+def test_warm_recommendations_leave_out_seen_items(bundle) -> None:
+    for user in known_users(bundle)[:10]:
+        items = {s.item_id for s in bundle.recommend_known(user, 50)}
+        assert not items & bundle.seen_items(user), f"user {user}"
+
+
+def test_requests_never_run_the_item_tables_over_the_catalogue(
+    bundle, monkeypatch
+) -> None:
+    """Item vectors of the whole catalogue come from the load-time cache."""
+    sizes: list[int] = []
+    for network in (bundle.teacher, bundle.student):
+        original = network.item_vectors
+
+        def spy(item_idx: torch.Tensor, original=original) -> torch.Tensor:
+            sizes.append(item_idx.numel())
+            return original(item_idx)
+
+        monkeypatch.setattr(network, "item_vectors", spy)
+    user = known_users(bundle)[0]
+    bundle.user_embeddings([user])
+    bundle.recommend_known(user, 10)
+    assert sizes == [], "warm requests are served from the cache alone"
+    bundle.recommend_cold(cold_users(bundle, 1)[0], 10)
+    assert sizes == [bundle.max_history], "a cold request encodes its history only"
