@@ -10,12 +10,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from models.network import Output
+
+
+# Turns a batch's count of rows into the divisor of a masked mean. One process
+# divides by its own count; a sharded run by the mean count over its ranks, so
+# that the ranks' averaged gradients are those of the whole global batch.
+Count = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _own(count: torch.Tensor) -> torch.Tensor:
+    return count
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ def distillation_loss(
     label: torch.Tensor,
     rated: torch.Tensor,
     weights: DistillWeights = DistillWeights(),
+    count: Count = _own,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the weighted total and each term's value.
 
@@ -40,11 +52,12 @@ def distillation_loss(
         teacher: the teacher snapshot's output on the same batch (no grad).
         label: ``[B]`` clicks.
         rated: ``[B]`` 1 for logged interactions, 0 for sampled items.
+        count: the divisor of the masked means (see ``Count``).
     """
     terms = {
-        "label": label_loss(student, label, rated),
+        "label": label_loss(student, label, rated, count),
         "embedding": F.mse_loss(student.user_embedding, teacher.user_embedding),
-        "attention": _attention_kl(student.attention, teacher.attention),
+        "attention": _attention_kl(student.attention, teacher.attention, count),
         "click": F.binary_cross_entropy_with_logits(
             student.logit, torch.sigmoid(teacher.logit)
         )
@@ -56,20 +69,23 @@ def distillation_loss(
     return total, {name: value.item() for name, value in terms.items()}
 
 
-def label_loss(out: Output, label: torch.Tensor, rated: torch.Tensor) -> torch.Tensor:
+def label_loss(
+    out: Output, label: torch.Tensor, rated: torch.Tensor, count: Count = _own
+) -> torch.Tensor:
     """Loss against the data: interaction head on rated against sampled items,
     click head on the rated items alone (a sampled item was never shown)."""
     interact = F.binary_cross_entropy_with_logits(out.interact_logit, rated)
     like = F.binary_cross_entropy_with_logits(out.logit, label, reduction="none")
-    return interact + (like * rated).sum() / rated.sum().clamp(min=1.0)
+    return interact + (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
 
 
-def _attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, count: Count = _own):
     """Mean KL(teacher || student) over rows with history; ``[B, L]`` weights."""
     has_history = teacher.sum(-1) > 0
+    rows = count(has_history.sum().to(student.dtype))  # on every rank, even with none
     if not has_history.any():
         return student.sum() * 0.0
     t, s = teacher[has_history], student[has_history]
     eps = 1e-8
     kl = (t * ((t + eps).log() - (s + eps).log())).sum(-1)
-    return kl.mean()
+    return kl.sum() / rows.clamp(min=1.0)

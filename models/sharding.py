@@ -84,6 +84,10 @@ class LocalPlacement:
     def max_int(self, value: int) -> int:
         return value
 
+    def mean_count(self, count: torch.Tensor) -> torch.Tensor:
+        """The divisor of a masked mean over this batch: its own count."""
+        return count
+
     def optimizer_state(self, module: nn.Module, optimizer) -> dict:
         """The optimizer's state keyed by parameter name, for a checkpoint."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -299,6 +303,13 @@ class ShardedPlacement:
         parts = [None] * self.world_size
         dist.all_gather_object(parts, value)
         return parts
+
+    def mean_count(self, count: torch.Tensor) -> torch.Tensor:
+        """The mean of ``count`` over the ranks: dividing each rank's sum by it
+        makes the ranks' averaged gradients those of the global batch."""
+        total = count.detach().to(torch.float32).clone()
+        dist.all_reduce(total)
+        return total / self.world_size
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks."""

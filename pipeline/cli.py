@@ -30,10 +30,16 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--student-epochs", type=int, help="extra distillation epochs")
     group.add_argument("--seed", type=int)
     group.add_argument(
-        "--nproc", type=int, help="train in N TorchRec-sharded processes (torchrun)"
+        "--nproc",
+        type=int,
+        help="0 (default): one process, Adam everywhere; N: N TorchRec-sharded "
+        "processes under torchrun, tables on fused row-wise Adagrad (N divides "
+        "train.data_shards, 8)",
     )
     group.add_argument("--sharding", help="table_wise, column_wise or row_wise (CUDA)")
-    group.add_argument("--checkpoint-every", type=int, help="teacher steps per checkpoint")
+    group.add_argument(
+        "--checkpoint-every", type=int, help="teacher steps per checkpoint (a multiple of 10)"
+    )
 
 
 # Command-line options that set a config field: field (dotted) -> option.
@@ -153,6 +159,12 @@ def _count(text: str) -> int:
 def cmd_plan(args) -> int:
     from pipeline.plan import format_plan, plan_memory
 
+    for flag, value in (("--users", args.users), ("--items", args.items),
+                        ("--dim", args.dim), ("--world-size", args.world_size),
+                        ("--batch-size", args.batch_size), ("--hbm-gb", args.hbm_gb)):  # fmt: skip
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, not {value}")
+
     if not args.verbose:  # the planner narrates every proposal it tries
         logging.getLogger("torchrec").setLevel(logging.WARNING)
 
@@ -185,7 +197,9 @@ def make_parser() -> argparse.ArgumentParser:
         _pipeline_options(step)
         if name == "train":
             step.add_argument(
-                "--resume", action="store_true", help="continue from the last checkpoint"
+                "--resume",
+                action="store_true",
+                help="continue from the last checkpoint (same --nproc and settings)",
             )
         step.set_defaults(func=cmd_step)
 
@@ -221,7 +235,7 @@ def make_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--sharding", default="row_wise", help="row_wise, table_wise, column_wise or auto"
     )
-    plan.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
+    plan.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU, GiB")
     plan.add_argument("--batch-size", type=_count, default=65536, help="global batch")
     plan.add_argument("--history", type=int, default=20, help="history items per example")
     plan.set_defaults(func=cmd_plan)

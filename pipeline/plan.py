@@ -116,7 +116,7 @@ def plan_memory(
 
 
 def format_plan(plan, ranks: list[RankMemory], dense_bytes: int, hbm_gb: float) -> str:
-    """The plan per table, then one line per rank, in GB and MB."""
+    """The plan per table, then one line per rank, in GiB and MiB."""
     gb, mb = 1024**3, 1024**2
     lines = ["tables:"]
     for module in TABLE_MODULES:
@@ -127,10 +127,10 @@ def format_plan(plan, ranks: list[RankMemory], dense_bytes: int, hbm_gb: float) 
                 f"  {table:<14} {option.sharding_type:<18} {option.compute_kernel:<6} "
                 f"{len(option.sharding_spec.shards):>3} shards on {span}"
             )
-    lines.append(f"dense layers, replicated on every rank: {dense_bytes / mb:.1f} MB")
+    lines.append(f"dense layers, replicated on every rank: {dense_bytes / mb:.1f} MiB")
     lines.append(
-        f"{'rank':>4} {'weights GB':>11} {'optim GB':>9} {'EMA GB':>8} {'total GB':>9} "
-        f"{'EMA dense GB/step':>18} {'EMA lazy MB/step':>17}"
+        f"{'rank':>4} {'weights GiB':>11} {'optim GiB':>9} {'EMA GiB':>8} {'total GiB':>9} "
+        f"{'EMA dense GiB/step':>18} {'EMA lazy MiB/step':>17}"
     )
     for i, rank in enumerate(ranks):
         over = "  over HBM" if (rank.total + dense_bytes) / gb > hbm_gb else ""
@@ -142,12 +142,12 @@ def format_plan(plan, ranks: list[RankMemory], dense_bytes: int, hbm_gb: float) 
     dense_step = sum(r.ema_dense_step for r in ranks)
     lazy_step = sum(r.ema_lazy_step for r in ranks)
     lines.append(
-        f"EMA bytes moved per step, all ranks: dense {dense_step / gb:.2f} GB, lazy "
-        f"{lazy_step / mb:.1f} MB ({dense_step / max(lazy_step, 1):.0f}x less)"
+        f"EMA bytes moved per step, all ranks: dense {dense_step / gb:.2f} GiB, lazy "
+        f"{lazy_step / mb:.1f} MiB ({dense_step / max(lazy_step, 1):.0f}x less)"
     )
     if any((r.total + dense_bytes) / gb > hbm_gb for r in ranks):
         lines.append(
-            f"some ranks exceed {hbm_gb:g} GB: the planner does not count the EMA "
+            f"some ranks exceed {hbm_gb:g} GiB: the planner does not count the EMA "
             "shadow; use --sharding row_wise, more ranks, or a smaller dim"
         )
     return "\n".join(lines)

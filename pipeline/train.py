@@ -245,7 +245,7 @@ class Trainer:
             out = self.teacher(batch)
         # Fused table optimizers step inside backward: catch the rows up first.
         self.ema.prepare(touched)
-        loss = label_loss(out, batch.label, batch.rated)
+        loss = label_loss(out, batch.label, batch.rated, self.placement.mean_count)
         self.teacher_opt.zero_grad()
         loss.backward()
         self.teacher_opt.step()
@@ -301,7 +301,12 @@ class Trainer:
             out = student.network(batch)
             target = targets[student.variant.source]
             loss, terms = distillation_loss(
-                out, target, batch.label, batch.rated, student.variant.weights
+                out,
+                target,
+                batch.label,
+                batch.rated,
+                student.variant.weights,
+                self.placement.mean_count,
             )
             student.optimizer.zero_grad()
             loss.backward()
@@ -347,6 +352,8 @@ class Trainer:
                         terms = self.student_step(Examples.concat(pending))
                         pending = []
                     if self.step % LOG_EVERY == 0:
+                        # The global batch's loss, not this rank's part of it.
+                        loss = float(self.placement.mean_count(torch.tensor(loss)))
                         values = {
                             "train/teacher_loss": loss,
                             "train/ema_decay": self.ema.current_decay(),
@@ -453,10 +460,13 @@ class Trainer:
                 name: self.placement.unshard(module, config, tokens)
                 for name, (module, config) in networks.items()
             }
-        checkpoints = folder / "checkpoints"
-        last = self._checkpoint_path(checkpoints) / "meta.json"
-        if self.placement.sharded and not last.exists():
-            self.save_checkpoint(checkpoints)
+        if self.placement.sharded:
+            # The end, students included: replaces a periodic one of this step.
+            checkpoints = folder / "checkpoints"
+            if self.placement.is_writer:
+                shutil.rmtree(self._checkpoint_path(checkpoints), ignore_errors=True)
+            self.placement.barrier()
+            self.save_checkpoint(checkpoints, finished=True)
         if not self.placement.is_writer:
             self.buffer.close()
             return
@@ -507,7 +517,7 @@ class Trainer:
     def _checkpoint_path(self, folder: Path) -> Path:
         return Path(folder) / f"step-{self.step:08d}"
 
-    def save_checkpoint(self, folder: Path) -> Path:
+    def save_checkpoint(self, folder: Path, finished: bool = False) -> Path:
         """Writes ``folder/step-N`` on every rank (collective) and keeps the last two.
 
         Rank 0 writes ``meta.json`` last: a checkpoint without it is
@@ -527,6 +537,7 @@ class Trainer:
                     if key not in ("shadow", "copied")
                 },
                 "guard_best": self.guard.best,
+                "finished": finished,
                 "curves": self.curves.points,
             }
             (path / "meta.json.tmp").write_text(json.dumps(meta))
@@ -624,13 +635,15 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
     folder = model_dir(config.work_dir)
     checkpoints = folder / "checkpoints"
-    with tracked_run(config) if placement.is_writer else contextlib.nullcontext():
+    with tracked_run(config) if placement.is_writer else contextlib.nullcontext() as run:
         if placement.is_writer:
-            mlflow.log_params(flatten("train", config.train.model_dump()))
+            _log_train_params(run, config)
         trainer = Trainer(
             prepared, config.train, variants, adaptive_ema, folder / "snapshots", placement
         )
         done = complete_checkpoints(checkpoints)
+        if resume:
+            check_resumable(checkpoints)
         if resume and done:
             trainer.load_checkpoint(done[-1])
         elif resume:
@@ -644,13 +657,51 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     return summary
 
 
+def check_resumable(checkpoints: Path) -> None:
+    """Refuses to resume a run whose newest checkpoint is its end.
+
+    Raises:
+        ValueError: the run finished; resuming would only repeat its last part.
+    """
+    done = complete_checkpoints(checkpoints)
+    if done and json.loads((done[-1] / "meta.json").read_text()).get("finished"):
+        raise ValueError(
+            f"{done[-1]} is the end of a finished run: nothing to resume. Train "
+            "longer in a new --work-dir, or drop --resume to start this one over"
+        )
+
+
+def _log_train_params(run, config: PipelineConfig) -> None:
+    """Logs the train settings; a second train of the same run (a resume, or
+    other settings) keeps the first values, which MLflow cannot change, and
+    records the new ones as ``latest.train.*`` tags."""
+    params = flatten("train", config.train.model_dump())
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
+    if changed:
+        logger.warning(
+            "this run was first trained with other settings; MLflow keeps the first "
+            "values of %s, the new ones are tagged latest.*",
+            sorted(changed),
+        )
+        mlflow.set_tags({f"latest.{k}": v for k, v in changed.items()})
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
 def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
     """Runs the train step as ``train.nproc`` local processes under ``torchrun``.
 
     For several machines, run ``torchrun`` yourself on each (see the README)
     with ``-m pipeline.train --config FILE``.
     """
+    if config.train.sharding == "row_wise" and not torch.cuda.is_available():
+        raise ValueError(
+            "--sharding row_wise needs CUDA: TorchRec shards tables row-wise on GPUs "
+            "only; on CPU use table_wise or column_wise"
+        )
     folder = model_dir(config.work_dir)
+    if resume:
+        check_resumable(folder / "checkpoints")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_config.json"
     config.save(path)

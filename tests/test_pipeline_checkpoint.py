@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from pipeline.config import PipelineConfig, TrainConfig
@@ -18,6 +19,14 @@ def prepared(ml100k_dir: Path, tmp_path_factory):
     work = tmp_path_factory.mktemp("checkpoint")
     run_ingest(PipelineConfig(data=ml100k_dir, work_dir=work))
     return prepare(work, 20)
+
+
+@pytest.fixture(autouse=True)
+def _tracked(tmp_path: Path):
+    """The trainer logs its curves to the active MLflow run."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        yield
 
 
 def test_resumed_trainer_ends_where_the_uninterrupted_one_does(prepared, tmp_path):
