@@ -25,7 +25,8 @@ def prepared(ml100k_dir: Path, tmp_path_factory):
 def _tracked(tmp_path: Path):
     """The trainer logs its curves to the active MLflow run."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    experiment = mlflow.set_experiment("checkpoints")  # not an earlier test's id
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
         yield
 
 
