@@ -10,7 +10,8 @@ MovieLens-100K folder or a log file; else ``EMAREC_DATA`` or the default
 lookup), ``mapping``, ``work_root`` (default ``EMAREC_WORK_ROOT`` or
 ``runs``), ``tracking_uri`` (default ``MLFLOW_TRACKING_URI`` or
 ``sqlite:///mlflow.db``), ``experiment`` and ``model_name`` (both
-``emarec``), ``epochs``, ``max_steps``, ``student_epochs``.
+``emarec``), ``epochs``, ``max_steps``, ``student_epochs``, ``nproc`` (train
+sharded in that many processes, as ``emarec train --nproc``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ PARAMS = {
     "epochs": Param(None, type=["null", "integer"], minimum=1),
     "max_steps": Param(None, type=["null", "integer"], minimum=1),
     "student_epochs": Param(None, type=["null", "integer"], minimum=0),
+    # 0: train in the task's process; N: N TorchRec-sharded processes (torchrun).
+    "nproc": Param(None, type=["null", "integer"], minimum=0),
 }
 
 

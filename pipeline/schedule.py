@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 
-TRAIN_PARAMS = ("epochs", "max_steps", "student_epochs")
+TRAIN_PARAMS = ("epochs", "max_steps", "student_epochs", "nproc")
 
 
 def config_for_run(params: dict, run_id: str) -> PipelineConfig:

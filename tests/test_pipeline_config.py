@@ -144,3 +144,10 @@ def test_cli_names_the_config_file_of_an_impossible_value(
 def test_dag_params_with_an_impossible_value_say_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the DAG run's params: field 'train.epochs'"):
         config_for_run({"epochs": 0, "work_root": str(tmp_path)}, "manual")
+
+
+def test_dag_params_can_shard_the_train_step(tmp_path):
+    config = config_for_run({"nproc": 2, "work_root": str(tmp_path)}, "manual")
+    assert config.train.nproc == 2
+    with pytest.raises(ConfigError, match="nproc 3 must divide data_shards 8"):
+        config_for_run({"nproc": 3, "work_root": str(tmp_path)}, "manual")
