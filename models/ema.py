@@ -224,7 +224,7 @@ class EMA:
         self.write_barrier = write_barrier
         self._shadow: dict[str, torch.Tensor] = {}
         self.copied: dict[str, torch.Tensor] = {}
-        for name, tensor in _named_state(model):
+        for name, tensor in named_state(model):
             if tensor.is_floating_point():
                 self._shadow[name] = tensor.detach().to(torch.float32, copy=True)
             else:
@@ -339,7 +339,7 @@ class EMA:
         Rebuilt when the model's tensors (names, objects or dtypes) change.
         The cache holds the tensors it names, so their ids stay unique.
         """
-        state = list(_named_state(model))
+        state = list(named_state(model))
         key = [(name, id(tensor), tensor.dtype) for name, tensor in state]
         if self._plan is not None and self._plan.key == key:
             return self._plan
@@ -355,7 +355,7 @@ class EMA:
 
     def _paired(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         names = self._shadow.keys() | self.copied.keys()
-        state = dict(_named_state(model))
+        state = dict(named_state(model))
         if state.keys() != names:
             missing = sorted(names - state.keys())
             extra = sorted(state.keys() - names)
@@ -457,7 +457,7 @@ class EMA:
         return list(lazy_tables)
 
     def _setup_lazy(self, model, names: list[str], optimizers: list) -> None:
-        state = dict(_named_state(model))
+        state = dict(named_state(model))
         dense: dict[str, list[str]] = {}
         for name in names:
             reason = _inexact_reason(optimizers, state[name]) if optimizers else None
@@ -713,7 +713,8 @@ def _check_decay(decay: float) -> None:
         raise ValueError(f"decay must be in (0, 1), got {decay}")
 
 
-def _named_state(model: nn.Module):
+def named_state(model: nn.Module):
+    """A module's parameters then buffers, by name: what the EMA pairs."""
     yield from model.named_parameters()
     yield from model.named_buffers()
 

@@ -142,6 +142,7 @@ class ShardedPlacement:
                 f"sharding {' or '.join(CPU_SHARDING_TYPES)}"
             )
         self._plans: dict[NetworkConfig, object] = {}
+        self._local: dict[NetworkConfig, dict[str, _Shard]] = {}
 
     @property
     def is_writer(self) -> bool:
@@ -212,8 +213,11 @@ class ShardedPlacement:
     # -- tables --------------------------------------------------------------------
 
     def _shards(self, module: nn.Module) -> dict[str, _Shard]:
-        """This rank's part of every table, by parameter name."""
-        shards = {}
+        """This rank's part of every table, by parameter name (made once per
+        network config: every teacher step asks)."""
+        if module.network_config in self._local:
+            return self._local[module.network_config]
+        shards = self._local[module.network_config] = {}
         for table_module in TABLE_MODULES:
             for table, option in self.plan_for(module, table_module).items():
                 feature = table.removeprefix("t_")

@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from models.ema import named_state
+
 logger = logging.getLogger(__name__)
 
 
@@ -100,8 +102,7 @@ class DoubleBuffer:
     def _fill_and_swap(
         self, slot: Snapshot, shadow: dict[str, torch.Tensor], version: int, n: int
     ) -> None:
-        state = dict(slot.module.named_parameters())
-        state.update(slot.module.named_buffers())
+        state = dict(named_state(slot.module))
         targets = [state[name] for name in shadow]
         torch._foreach_copy_(targets, list(shadow.values()))
         slot.version, slot.num_updates = version, n

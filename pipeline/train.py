@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data.examples import Examples, sample_negatives
 from data.split import ONBOARDING_EVENTS
 from models.distill import DistillWeights, distillation_loss, label_loss
-from models.ema import EMA
+from models.ema import EMA, named_state
 from models.ema_guard import DivergenceGuard, SnapshotWindow
 from models.network import Batch, NetworkConfig, RecNetwork
 from models.sharding import LocalPlacement
@@ -566,7 +566,7 @@ class Trainer:
             load_optimizer(student.network, student.optimizer, state["student_optimizers"][name])
         with self.buffer.read() as snapshot:
             snapshot.module.load_state_dict(state["ema"])
-            averaged = dict(_named_tensors(snapshot.module))
+            averaged = dict(named_state(snapshot.module))
         shadow = {n: averaged[n] for n in self.ema.synced_shadow()}
         self.ema.load_state_dict({**meta["ema"], "shadow": shadow, "copied": self.ema.copied})
         self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
@@ -581,11 +581,6 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not Path(folder).is_dir():
         return []
     return sorted(p.parent for p in Path(folder).glob("step-*/meta.json"))
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
 
 
 def first_items(examples: Examples, count: int) -> np.ndarray:
