@@ -2,7 +2,7 @@
 
 ``shadow = decay * shadow + (1 - decay) * theta`` after each optimizer step, done
 with torch's multi-tensor ``lerp_`` over every floating parameter and buffer at
-once. The shadow is float32 whatever the model trains in: in bf16,
+once (on CPU, small tensors in groups on every core: see ``multi_tensor``). The shadow is float32 whatever the model trains in: in bf16,
 ``1.0 * 0.999`` rounds back to 1.0 and a bf16 shadow would never move.
 
 Embedding tables can be averaged lazily and still exactly. When the optimizer
@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from models.multi_tensor import SplitLerp
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,65 @@ class _LazyTable:
             (source.shape[0],), num_updates, dtype=torch.int64, device=source.device
         )
         self.stale = False
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def scratch(self, rows: int, shadow: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Two ``[rows, D]`` float32 work buffers, reused across steps.
+
+        A fresh buffer of this size per step is a fresh mapping from the
+        kernel, and faulting its pages in costs about as much as the gathers.
+        """
+        if self._scratch is None or len(self._scratch[0]) < rows:
+            shape = (max(rows, 1), *shadow.shape[1:])
+            self._scratch = tuple(
+                torch.empty(shape, dtype=torch.float32, device=shadow.device)
+                for _ in range(2)
+            )
+        return tuple(buffer[:rows] for buffer in self._scratch)
+
+
+class _Layout:
+    """What decides a plain module tree's named tensors, cheap to compare.
+
+    For modules that do not override ``named_parameters``/``named_buffers``,
+    the named tensors follow from each module's ``_parameters``, ``_buffers``
+    and ``_modules`` (keys and objects) and the tensors' dtypes (``.half()``
+    changes a parameter's dtype in place). Comparing those takes C-speed
+    passes; walking ``named_parameters()`` builds every name in Python, which
+    costs more than the update itself on a model of many small tensors.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.modules())  # holds the model: its id stays
+        self.plain = all(
+            type(m).named_parameters is nn.Module.named_parameters
+            and type(m).named_buffers is nn.Module.named_buffers
+            for m in self.modules
+        )
+        self._seen = self._take() if self.plain else None
+
+    def _take(self) -> tuple[list, list, list]:
+        keys: list[tuple] = []
+        objects: list = []
+        for module in self.modules:
+            for members in (module._parameters, module._buffers, module._modules):
+                keys.append(tuple(members))
+                objects.extend(members.values())
+        dtypes = [t.dtype for t in objects if isinstance(t, torch.Tensor)]
+        return keys, objects, dtypes
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` is this model with the same named tensors."""
+        if not self.plain or model is not self.modules[0]:
+            return False
+        keys, objects, dtypes = self._take()
+        seen_keys, seen_objects, seen_dtypes = self._seen
+        return (
+            keys == seen_keys
+            and len(objects) == len(seen_objects)
+            and all(map(operator.is_, objects, seen_objects))
+            and dtypes == seen_dtypes
+        )
 
 
 @dataclass
@@ -145,6 +207,8 @@ class _Plan:
     cast: bool = False
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     tables: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    lerp: SplitLerp | None = None
+    layout: _Layout | None = None
 
     def add_average(self, name: str, shadow: torch.Tensor, tensor: torch.Tensor):
         self.names.append(name)
@@ -326,7 +390,7 @@ class EMA:
             if self.adaptive:
                 decays = self._adaptive_decays(plan.names, plan.shadows, sources, decay)
                 weight = [1.0 - d for d in decays]
-            torch._foreach_lerp_(plan.shadows, sources, weight)
+            plan.lerp(sources, weight)
         if self._tables:
             self._prefix.append(decay)
             for table in self._tables.values():
@@ -339,6 +403,8 @@ class EMA:
         Rebuilt when the model's tensors (names, objects or dtypes) change.
         The cache holds the tensors it names, so their ids stay unique.
         """
+        if self._plan is not None and self._plan.layout.matches(model):
+            return self._plan
         state = list(named_state(model))
         key = [(name, id(tensor), tensor.dtype) for name, tensor in state]
         if self._plan is not None and self._plan.key == key:
@@ -351,6 +417,8 @@ class EMA:
                 self._plan.add_average(name, self._shadow[name], tensor)
             else:
                 self._plan.copies.append((self.copied[name], tensor))
+        self._plan.lerp = SplitLerp(self._plan.shadows)
+        self._plan.layout = _Layout(model)
         return self._plan
 
     def _paired(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -397,13 +465,18 @@ class EMA:
     def _sync_rows(self, name: str, rows: torch.Tensor) -> None:
         table = self._tables[name]
         shadow = self._shadow[name]  # [N, D]
-        # Sorted ids walk the table in address order: far fewer TLB misses than
-        # random gathers. Duplicates stay; they write the same value twice.
-        rows = rows.sort().values  # [R]
+        # Duplicates stay; they write the same value twice. Sorting the ids
+        # first saves less in gathers than the sort costs.
         last = table.last.index_select(0, rows)  # [R]
         weight = self._prefix.catch_up_weights(last).unsqueeze(1)  # [R, 1]
-        theta = table.source.detach().index_select(0, rows).to(torch.float32)
-        caught_up = shadow.index_select(0, rows).lerp_(theta, weight)  # [R, D]
+        caught_up, theta = table.scratch(len(rows), shadow)  # [R, D] each
+        torch.index_select(shadow, 0, rows, out=caught_up)
+        source = table.source.detach()
+        if source.dtype == torch.float32:
+            torch.index_select(source, 0, rows, out=theta)
+        else:
+            theta.copy_(source.index_select(0, rows))
+        caught_up.lerp_(theta, weight)
         self._barrier()
         shadow.index_copy_(0, rows, caught_up)
         table.last.index_fill_(0, rows, self.num_updates)

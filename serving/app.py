@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from models.bundle import ColdUser, Predictor, Scored
-from serving import admin
+from serving import admin, memory
 from serving.config import ServingSettings
 from serving.loading import (
     LoadedModel,
@@ -117,9 +117,14 @@ def create_app(
         app.state.serving = ServingState(settings, watcher, reporters, log)
         if source.follows:
             watcher.start()
+        trimmer = None
+        if settings.malloc_trim_interval_s > 0:
+            trimmer = memory.Trimmer(settings.malloc_trim_interval_s).start()
         try:
             yield
         finally:
+            if trimmer is not None:
+                trimmer.stop()
             await run_in_threadpool(watcher.stop)
             await run_in_threadpool(reporters.stop)
             logger.info("serving stopped")

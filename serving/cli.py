@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from serving import memory
 from serving.app import create_app
 from serving.config import ServingSettings
 from serving.replay import ReplaySummary, ReplayUser
@@ -78,6 +79,7 @@ def serve(settings: ServingSettings | None = None) -> None:
     settings = settings or ServingSettings()
     mlflow_serving_defaults()
     torch_threads(settings)
+    memory.limit_arenas(settings.malloc_arenas)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info"

@@ -36,6 +36,11 @@ class ServingSettings(BaseSettings):
             request is small and the threadpool already runs requests side by
             side, so one thread per request avoids oversubscribing the cores.
         torch_interop_threads: torch inter-op threads of the serving process.
+        malloc_arenas: the most glibc malloc arenas (0: glibc's default of up
+            to 8 per core, under which RSS creeps up as threads park freed
+            memory in arenas of their own).
+        malloc_trim_interval_s: seconds between returns of free heap pages to
+            the kernel (``malloc_trim``); 0 never trims.
     """
 
     model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
@@ -58,6 +63,8 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     torch_threads: int = 1
     torch_interop_threads: int = 1
+    malloc_arenas: int = Field(2, ge=0)
+    malloc_trim_interval_s: float = Field(10, ge=0)
 
     @field_validator(
         "tracking_uri", "model_name", "model_alias", "host", "serving_experiment"

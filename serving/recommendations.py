@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
+from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,35 @@ class FeedbackOutcome:
     duplicates: int
 
 
-@dataclass
 class _Entry:
-    recommendation: Recommendation
-    impressed: set[int] = field(default_factory=set)
-    clicked: set[int] = field(default_factory=set)
+    """One logged recommendation, compact: 100,000 of them are kept by default.
+
+    Items are a machine-int array; what was shown and clicked are bitmasks
+    over the items' positions, rather than two Python sets (about 1.5 KB an
+    entry against about 0.4 KB).
+    """
+
+    __slots__ = ("cohort", "model_version", "items", "impressed", "clicked")
+
+    def __init__(self, cohort: str, model_version: str, item_ids: list[int]) -> None:
+        self.cohort = cohort
+        self.model_version = model_version
+        self.items = array("q", item_ids)
+        self.impressed = 0
+        self.clicked = 0
+
+    def recommendation(self, recommendation_id: str) -> Recommendation:
+        return Recommendation(
+            recommendation_id, self.cohort, self.model_version, tuple(self.items)
+        )
+
+    def mask(self, item_ids: set[int]) -> int:
+        """Bits of the positions of ``item_ids``; ids not recommended are left out."""
+        bits = 0
+        for position, item in enumerate(self.items):
+            if item in item_ids:
+                bits |= 1 << position
+        return bits
 
 
 class RecommendationLog:
@@ -88,14 +113,13 @@ class RecommendationLog:
         Returns:
             The stored recommendation with its new id.
         """
-        recommendation = Recommendation(
-            str(uuid.uuid4()), cohort, model_version, tuple(item_ids)
-        )
+        recommendation_id = str(uuid.uuid4())
+        entry = _Entry(cohort, model_version, item_ids)
         with self._lock:
-            self._entries[recommendation.recommendation_id] = _Entry(recommendation)
+            self._entries[recommendation_id] = entry
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
-        return recommendation
+        return entry.recommendation(recommendation_id)
 
     def get(self, recommendation_id: str) -> Recommendation | None:
         """Look a recommendation up and mark it recently used.
@@ -111,7 +135,7 @@ class RecommendationLog:
             if entry is None:
                 return None
             self._entries.move_to_end(recommendation_id)
-            return entry.recommendation
+        return entry.recommendation(recommendation_id)
 
     def record(
         self, recommendation_id: str, impressions: list[int], clicks: list[int]
@@ -121,7 +145,8 @@ class RecommendationLog:
         Args:
             recommendation_id: id from :meth:`add`.
             impressions: items shown.
-            clicks: items clicked.
+            clicks: items clicked. Items not in the recommendation are
+                ignored; the caller refuses them first.
 
         Returns:
             What was new and what was a duplicate.
@@ -132,11 +157,10 @@ class RecommendationLog:
         with self._lock:
             entry = self._entries[recommendation_id]
             self._entries.move_to_end(recommendation_id)
-            new_impressions = set(impressions) - entry.impressed
-            new_clicks = set(clicks) - entry.clicked
-            entry.impressed |= new_impressions
-            entry.clicked |= new_clicks
-        duplicates = (
-            len(impressions) - len(new_impressions) + len(clicks) - len(new_clicks)
-        )
-        return FeedbackOutcome(len(new_impressions), len(new_clicks), duplicates)
+            shown, clicked = entry.mask(set(impressions)), entry.mask(set(clicks))
+            new_impressions = (shown & ~entry.impressed).bit_count()
+            new_clicks = (clicked & ~entry.clicked).bit_count()
+            entry.impressed |= shown
+            entry.clicked |= clicked
+        duplicates = len(impressions) - new_impressions + len(clicks) - new_clicks
+        return FeedbackOutcome(new_impressions, new_clicks, duplicates)

@@ -490,3 +490,40 @@ def test_a_model_cast_in_place_is_paired_again() -> None:
     assert ema.shadow["fc1.weight"].dtype == torch.float32
     start = float_state(make_model())["fc1.weight"]
     torch.testing.assert_close(ema.shadow["fc1.weight"], 0.5 * start + 1.0)
+
+
+def test_a_tensor_replaced_after_updates_is_followed() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    model.fc1.weight = nn.Parameter(torch.full_like(model.fc1.weight, 7.0))
+    before = ema.shadow["fc1.weight"].clone()
+
+    ema.update(model)
+
+    expected = 0.5 * before + 0.5 * 7.0
+    assert torch.allclose(ema.shadow["fc1.weight"], expected)
+
+
+def test_a_dtype_changed_in_place_after_updates_is_cast() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    model.half()  # same Parameter objects, new dtype
+    source = model.fc2.bias.detach().float()
+    before = ema.shadow["fc2.bias"].clone()
+
+    ema.update(model)
+
+    assert ema.shadow["fc2.bias"].dtype == torch.float32
+    assert torch.allclose(ema.shadow["fc2.bias"], 0.5 * before + 0.5 * source)
+
+
+def test_a_module_added_after_updates_is_refused_by_name() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    model.extra = nn.Linear(2, 2)
+
+    with pytest.raises(KeyError, match="extra.weight"):
+        ema.update(model)

@@ -1,0 +1,111 @@
+"""A multi-tensor ``lerp_`` that keeps every CPU core busy on small tensors.
+
+On CUDA, ``torch._foreach_lerp_`` is one fused kernel launch for the whole
+list. On CPU it loops over the tensors in C++, and torch splits a tensor
+across its intra-op threads only above its grain size (32,768 elements), so a
+model of many small tensors is averaged on one core. :class:`SplitLerp` runs
+the large tensors with one foreach call (torch parallelises each of them) and
+then the small ones in ``torch.get_num_threads()`` groups of about equal size,
+side by side: torch releases the GIL inside the op, so the groups run on
+separate cores.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# at::internal::GRAIN_SIZE: torch parallelises a pointwise op over larger tensors.
+GRAIN = 32_768
+# Below this many small-tensor elements, a thread hand-off costs more than it saves.
+MIN_SPLIT = 1 << 20
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+Weight = float | list[float]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="ema-lerp")
+            _pool_size = workers
+        return _pool
+
+
+def _picker(indices: list[int]) -> Callable[[Sequence], list]:
+    """Selects ``indices`` from a sequence, in C, as a list."""
+    if len(indices) == 1:
+        (only,) = indices
+        return lambda items: [items[only]]
+    get = operator.itemgetter(*indices)
+    return lambda items: list(get(items))
+
+
+class SplitLerp:
+    """``lerp_`` of a fixed list of shadows towards sources, split across cores.
+
+    The split is worked out once, from the shadows' sizes; each call then
+    selects the groups from the sources (and per-tensor weights) it is given.
+
+    Args:
+        shadows: the tensors written, in place.
+    """
+
+    def __init__(self, shadows: list[torch.Tensor]) -> None:
+        self.shadows = shadows
+        threads = torch.get_num_threads()
+        self.threads = threads
+        on_cpu = bool(shadows) and all(s.device.type == "cpu" for s in shadows)
+        small = [i for i, s in enumerate(shadows) if s.numel() < GRAIN]
+        if not on_cpu or threads < 2 or sum(shadows[i].numel() for i in small) < MIN_SPLIT:
+            self.groups: list[list[int]] = []
+            return
+        large = [i for i, s in enumerate(shadows) if s.numel() >= GRAIN]
+        loads = [0] * threads
+        groups: list[list[int]] = [[] for _ in range(threads)]
+        # Largest first, each to the lightest group: near-equal loads.
+        for i in sorted(small, key=lambda i: -shadows[i].numel()):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(i)
+            loads[lightest] += shadows[i].numel()
+        self.groups = [sorted(g) for g in ([large] + groups) if g]
+        self._large = bool(large)
+        self._pickers = [_picker(g) for g in self.groups]
+
+    @property
+    def split(self) -> bool:
+        """Whether the small tensors are spread over several threads."""
+        return bool(self.groups)
+
+    def __call__(self, sources: list[torch.Tensor], weight: Weight) -> None:
+        """``shadow.lerp_(source, weight)`` for every pair.
+
+        Args:
+            sources: one float32 tensor per shadow, in the same order.
+            weight: one weight for all, or one per tensor.
+        """
+        if not self.split or torch.get_num_threads() != self.threads:
+            torch._foreach_lerp_(self.shadows, sources, weight)
+            return
+        per_tensor = isinstance(weight, list)
+        calls = []
+        for pick in self._pickers:
+            w = pick(weight) if per_tensor else weight
+            calls.append((pick(self.shadows), pick(sources), w))
+        if self._large:
+            torch._foreach_lerp_(*calls.pop(0))
+        pool = _executor(len(calls) - 1) if len(calls) > 1 else None
+        futures = [pool.submit(torch._foreach_lerp_, *c) for c in calls[1:]] if pool else []
+        torch._foreach_lerp_(*calls[0])
+        for future in futures:
+            future.result()
