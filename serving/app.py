@@ -119,12 +119,15 @@ def create_app(
             watcher.start()
         trimmer = None
         if settings.malloc_trim_interval_s > 0:
+            frozen = memory.freeze_startup()
+            logger.info("%d start-up objects frozen out of garbage collection", frozen)
             trimmer = memory.Trimmer(settings.malloc_trim_interval_s).start()
         try:
             yield
         finally:
             if trimmer is not None:
                 trimmer.stop()
+                memory.unfreeze()
             await run_in_threadpool(watcher.stop)
             await run_in_threadpool(reporters.stop)
             logger.info("serving stopped")
@@ -148,6 +151,9 @@ def _watcher(
 ) -> ModelWatcher:
     def on_swap(served: ServedModel, evicted: list[str]) -> None:
         reporters.serve(served.version, served.run_id, evicted)
+        if evicted and settings.malloc_trim_interval_s > 0:
+            # A frozen model left behind is only freed once it is collectable.
+            memory.refreeze()
 
     return ModelWatcher(
         source,

@@ -80,6 +80,7 @@ def serve(settings: ServingSettings | None = None) -> None:
     mlflow_serving_defaults()
     torch_threads(settings)
     memory.limit_arenas(settings.malloc_arenas)
+    memory.fix_mmap_threshold(settings.malloc_mmap_threshold)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info"

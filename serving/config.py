@@ -39,8 +39,13 @@ class ServingSettings(BaseSettings):
         malloc_arenas: the most glibc malloc arenas (0: glibc's default of up
             to 8 per core, under which RSS creeps up as threads park freed
             memory in arenas of their own).
-        malloc_trim_interval_s: seconds between returns of free heap pages to
-            the kernel (``malloc_trim``); 0 never trims.
+        malloc_mmap_threshold: blocks of at least this many bytes are mapped
+            on their own and returned whole when freed (0: glibc's sliding
+            threshold, under which large transient tensors fragment the heap).
+        malloc_trim_interval_s: seconds between full garbage collections,
+            each followed by a return of free heap pages to the kernel
+            (``malloc_trim``); 0 never runs them, nor freezes the start-up
+            objects out of the collector's sight.
     """
 
     model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
@@ -64,6 +69,7 @@ class ServingSettings(BaseSettings):
     torch_threads: int = 1
     torch_interop_threads: int = 1
     malloc_arenas: int = Field(2, ge=0)
+    malloc_mmap_threshold: int = Field(256 * 1024, ge=0, le=32 * 1024 * 1024)
     malloc_trim_interval_s: float = Field(10, ge=0)
 
     @field_validator(

@@ -9,23 +9,38 @@ of it, stays mapped. Two fixes, both glibc calls through ``ctypes``:
 * fewer arenas (``mallopt(M_ARENA_MAX, n)``), set before the threadpool
   starts, so freed blocks are reused across threads instead of parked per
   thread;
+* a fixed mmap threshold (``mallopt(M_MMAP_THRESHOLD, bytes)``): glibc raises
+  its threshold each time a large block is freed, up to 32 MiB, after which
+  every request's score and feature tensors (about 1 MB for one user against
+  the catalogue) are carved out of the arena heaps and fragment them; above a
+  fixed threshold they are mapped and unmapped whole;
 * ``malloc_trim(0)`` every few seconds, which hands whole free pages of every
   arena back to the kernel.
 
-Elsewhere (musl, macOS) both are no-ops that say so once in the log.
+And one for Python's own heap: request handling leaves reference cycles
+that only a full collection frees, which the interpreter runs rarely once
+the imports hold millions of long-lived objects, so garbage piled up for
+minutes between collections. :func:`freeze_startup` moves everything alive
+after start-up out of the collector's sight (``gc.freeze``), which makes a
+full collection cheap, and :class:`Trimmer` runs one before each trim.
+
+Elsewhere (musl, macOS) the malloc calls are no-ops that say so once in the
+log.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import threading
 from functools import cache
 
 logger = logging.getLogger(__name__)
 
-M_ARENA_MAX = -8  # from glibc's malloc.h
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_ARENA_MAX = -8
 
 
 @cache
@@ -58,6 +73,23 @@ def limit_arenas(arenas: int) -> bool:
     return ok
 
 
+def fix_mmap_threshold(threshold: int) -> bool:
+    """Maps blocks of at least ``threshold`` bytes on their own, always.
+
+    Args:
+        threshold: bytes; 0 leaves glibc's sliding threshold.
+
+    Returns:
+        Whether the threshold was set.
+    """
+    libc = _libc()
+    if threshold < 1 or libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    logger.info("malloc mmap threshold fixed at %d bytes: %s", threshold, ok)
+    return ok
+
+
 def trim() -> bool:
     """Returns free heap pages to the kernel.
 
@@ -68,8 +100,37 @@ def trim() -> bool:
     return libc is not None and bool(libc.malloc_trim(0))
 
 
+def freeze_startup() -> int:
+    """Collects, then exempts every object alive now from later collections.
+
+    Returns:
+        How many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def unfreeze() -> None:
+    """Hands the frozen objects back to the collector."""
+    gc.unfreeze()
+
+
+def refreeze() -> int:
+    """Collects what was frozen and died since (a model swapped out), then
+    freezes what is alive now. One full collection: a pause of a few hundred
+    milliseconds with a model and its libraries loaded.
+
+    Returns:
+        How many objects are frozen now.
+    """
+    gc.unfreeze()
+    return freeze_startup()
+
+
 class Trimmer:
-    """A daemon thread that calls :func:`trim` every ``interval_s`` seconds."""
+    """A daemon thread that runs a full garbage collection and then :func:`trim`
+    every ``interval_s`` seconds."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -80,8 +141,7 @@ class Trimmer:
         )
 
     def start(self) -> Trimmer:
-        if _libc() is not None:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -91,5 +151,6 @@ class Trimmer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            gc.collect()
             trim()
             self.trims += 1

@@ -76,3 +76,31 @@ def test_trimmer_trims_until_stopped() -> None:
 
     assert done >= 3
     assert trimmer.trims == done
+
+
+def test_mmap_threshold_is_set_and_zero_leaves_it() -> None:
+    # What glibc's sliding threshold tops out at: the test process keeps it.
+    assert memory.fix_mmap_threshold(32 * 1024 * 1024)
+    assert not memory.fix_mmap_threshold(0)
+
+
+def test_frozen_objects_are_collected_after_a_refreeze() -> None:
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # a cycle: only the collector frees it
+    alive = weakref.ref(node)
+    try:
+        assert memory.freeze_startup() > 0
+        del node
+        gc.collect()
+        assert alive() is not None  # frozen: out of the collector's sight
+        memory.refreeze()
+        assert alive() is None
+    finally:
+        memory.unfreeze()
+    assert gc.get_freeze_count() == 0
