@@ -1002,3 +1002,18 @@ def test_python_m_serving_without_a_loadable_model_exits_with_message(tmp_path):
     assert result.returncode != 0
     assert "no loadable model to serve" in result.stderr
     assert "bundle.json" in result.stderr
+
+
+def test_lifespan_freezes_start_up_objects_and_hands_them_back(
+    predictor, mlflow_client
+) -> None:
+    import gc
+
+    app = make_app(predictor, mlflow_client, malloc_trim_interval_s=0.01)
+    with TestClient(app) as test_client:
+        assert gc.get_freeze_count() > 0
+        assert test_client.get("/healthz").status_code == 200
+    assert gc.get_freeze_count() == 0
+
+    with TestClient(make_app(predictor, mlflow_client, malloc_trim_interval_s=0)):
+        assert gc.get_freeze_count() == 0
