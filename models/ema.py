@@ -2,8 +2,9 @@
 
 ``shadow = decay * shadow + (1 - decay) * theta`` after each optimizer step, done
 with torch's multi-tensor ``lerp_`` over every floating parameter and buffer at
-once (on CPU, small tensors in groups on every core: see ``multi_tensor``). The shadow is float32 whatever the model trains in: in bf16,
-``1.0 * 0.999`` rounds back to 1.0 and a bf16 shadow would never move.
+once (on CPU, small tensors in groups on every core: see ``multi_tensor``).
+The shadow is float32 whatever the model trains in: in bf16, ``1.0 * 0.999``
+rounds back to 1.0 and a bf16 shadow would never move.
 
 Embedding tables can be averaged lazily and still exactly. When the optimizer
 leaves rows without gradient unchanged, a row that last caught up at update

@@ -67,7 +67,8 @@ class SplitLerp:
         self.threads = threads
         on_cpu = bool(shadows) and all(s.device.type == "cpu" for s in shadows)
         small = [i for i, s in enumerate(shadows) if s.numel() < GRAIN]
-        if not on_cpu or threads < 2 or sum(shadows[i].numel() for i in small) < MIN_SPLIT:
+        small_numel = sum(shadows[i].numel() for i in small)
+        if not on_cpu or threads < 2 or small_numel < MIN_SPLIT:
             self.groups: list[list[int]] = []
             return
         large = [i for i, s in enumerate(shadows) if s.numel() >= GRAIN]
@@ -104,8 +105,11 @@ class SplitLerp:
             calls.append((pick(self.shadows), pick(sources), w))
         if self._large:
             torch._foreach_lerp_(*calls.pop(0))
-        pool = _executor(len(calls) - 1) if len(calls) > 1 else None
-        futures = [pool.submit(torch._foreach_lerp_, *c) for c in calls[1:]] if pool else []
-        torch._foreach_lerp_(*calls[0])
+        first, rest = calls[0], calls[1:]
+        futures = []
+        if rest:
+            pool = _executor(len(rest))
+            futures = [pool.submit(torch._foreach_lerp_, *call) for call in rest]
+        torch._foreach_lerp_(*first)
         for future in futures:
             future.result()
