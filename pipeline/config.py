@@ -12,8 +12,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from data.structured import Origin, explain, read_structured
@@ -101,13 +101,6 @@ class TrainConfig(BaseModel):
         1.0, ge=0, description="weight of the click distillation loss"
     )
     quantize_dense: str = "auto"
-    nproc: int = Field(
-        0,
-        ge=0,
-        le=1024,
-        description="0: train in this process; N: N TorchRec-sharded processes "
-        "(torchrun), table optimizer fused row-wise Adagrad",
-    )
     data_shards: int = Field(
         8,
         ge=1,
@@ -115,6 +108,14 @@ class TrainConfig(BaseModel):
         description="user partitions of the training data, each with its own "
         "share of every batch; --nproc must divide it, and the result does not "
         "depend on --nproc",
+    )
+    # After data_shards: its validator reads it.
+    nproc: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="0: train in this process; N: N TorchRec-sharded processes "
+        "(torchrun), table optimizer fused row-wise Adagrad",
     )
     sharding: str = "table_wise"
     table_lr: float = Field(
@@ -134,22 +135,31 @@ class TrainConfig(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _checkpoint_on_sync(self) -> "TrainConfig":
-        if self.nproc > 1 and self.data_shards % self.nproc:
+    @field_validator("nproc")
+    @classmethod
+    def _nproc_divides_shards(cls, value: int, info: ValidationInfo) -> int:
+        shards = info.data.get("data_shards")
+        if value > 1 and shards is not None and shards % value:
+            fits = [n for n in range(1, shards + 1) if shards % n == 0]
             raise ValueError(
-                f"nproc {self.nproc} must divide data_shards {self.data_shards}: "
-                "each process reads whole data shards"
+                f"nproc {value} must divide data_shards {shards}: each process "
+                f"reads whole data shards. Use one of {fits}, or set "
+                "train.data_shards to a multiple of it"
             )
-        every = self.checkpoint_every
+        return value
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_on_sync(cls, value: int, info: ValidationInfo) -> int:
         for name in ("distill_interval", "sync_interval"):
-            if every % getattr(self, name):
+            interval = info.data.get(name)
+            if interval and value % interval:
                 raise ValueError(
-                    f"checkpoint_every {every} must be a multiple of {name} "
-                    f"{getattr(self, name)}: a checkpoint is taken where a "
-                    "snapshot was just published and no student batch is pending"
+                    f"checkpoint_every {value} must be a multiple of {name} "
+                    f"{interval}: a checkpoint is taken where a snapshot was just "
+                    "published and no student batch is pending"
                 )
-        return self
+        return value
 
     @field_validator("quantize_dense")
     @classmethod

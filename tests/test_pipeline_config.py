@@ -151,3 +151,22 @@ def test_dag_params_can_shard_the_train_step(tmp_path):
     assert config.train.nproc == 2
     with pytest.raises(ConfigError, match="nproc 3 must divide data_shards 8"):
         config_for_run({"nproc": 3, "work_root": str(tmp_path)}, "manual")
+
+
+def test_cli_names_the_flag_of_a_process_count_that_splits_no_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["ingest", "--nproc", "3", "--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emarec: --nproc: field 'train.nproc': nproc 3 must divide")
+    assert "Use one of [1, 2, 4, 8]" in err
+
+
+def test_cli_names_the_flag_of_a_checkpoint_off_the_sync_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["ingest", "--checkpoint-every", "15", "--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emarec: --checkpoint-every: field 'train.checkpoint_every'")
