@@ -58,6 +58,16 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
+def _mallopt(option: int, value: int, what: str) -> bool:
+    """Sets one glibc malloc option; a value below 1 leaves glibc's default."""
+    libc = _libc()
+    if value < 1 or libc is None:
+        return False
+    ok = bool(libc.mallopt(option, value))
+    logger.info("malloc %s set to %d: %s", what, value, "yes" if ok else "refused")
+    return ok
+
+
 def limit_arenas(arenas: int) -> bool:
     """Caps glibc's malloc arenas; call it before threads start allocating.
 
@@ -67,12 +77,7 @@ def limit_arenas(arenas: int) -> bool:
     Returns:
         Whether the cap was set.
     """
-    libc = _libc()
-    if arenas < 1 or libc is None:
-        return False
-    ok = bool(libc.mallopt(M_ARENA_MAX, arenas))
-    logger.info("malloc arenas capped at %d: %s", arenas, "yes" if ok else "refused")
-    return ok
+    return _mallopt(M_ARENA_MAX, arenas, "arena cap")
 
 
 def fix_mmap_threshold(threshold: int) -> bool:
@@ -84,12 +89,7 @@ def fix_mmap_threshold(threshold: int) -> bool:
     Returns:
         Whether the threshold was set.
     """
-    libc = _libc()
-    if threshold < 1 or libc is None:
-        return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    logger.info("malloc mmap threshold fixed at %d bytes: %s", threshold, ok)
-    return ok
+    return _mallopt(M_MMAP_THRESHOLD, threshold, "mmap threshold (bytes)")
 
 
 def trim() -> bool:
