@@ -82,6 +82,7 @@ class SplitLerp:
         self.groups = [sorted(g) for g in ([large] + groups) if g]
         self._large = bool(large)
         self._pickers = [_picker(g) for g in self.groups]
+        self._shadow_groups = [pick(shadows) for pick in self._pickers]
 
     @property
     def split(self) -> bool:
@@ -99,10 +100,10 @@ class SplitLerp:
             torch._foreach_lerp_(self.shadows, sources, weight)
             return
         per_tensor = isinstance(weight, list)
-        calls = []
-        for pick in self._pickers:
-            w = pick(weight) if per_tensor else weight
-            calls.append((pick(self.shadows), pick(sources), w))
+        calls = [
+            (shadows, pick(sources), pick(weight) if per_tensor else weight)
+            for pick, shadows in zip(self._pickers, self._shadow_groups, strict=True)
+        ]
         if self._large:
             torch._foreach_lerp_(*calls.pop(0))
         first, rest = calls[0], calls[1:]
