@@ -7,10 +7,19 @@ torch's thread settings as they are:
   per element: read shadow, read source, write shadow), against the machine's
   stream bandwidth - a single ``lerp_`` over one flat tensor of the same size,
   the same two reads and a write at their fastest;
-* loop: ``EMA.update`` (one multi-tensor ``lerp_``) against the naive loop
-  ``s.data = d * s.data + (1 - d) * p`` over 2,000 small tensors;
+* loop: ``EMA.update`` with ``contiguous=True`` (the small tensors packed
+  into one buffer, one ``lerp_``) against the naive loop
+  ``s.data = d * s.data + (1 - d) * p`` over 2,000 small tensors of 1,000 to
+  10,000 elements; the unpacked multi-tensor update is reported beside it
+  (``ema_vs_loop_speedup_unpacked``): on CPU it pays torch's per-tensor
+  dispatch once per tensor, the loop three times;
 * lazy: a lazy table against the dense update of the same table, 10M rows of
   16 floats, 1% of the rows (random) touched per step.
+
+Both the lazy and the dense table update are timed with the process's large
+allocations on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, set by
+``python -m bench`` before torch starts): random rows of a 640 MB table
+otherwise also pay a page-table walk each.
 """
 
 from __future__ import annotations
@@ -87,15 +96,18 @@ def dense_bandwidth() -> dict:
 
 
 def loop_speedup() -> dict:
-    """Multi-tensor ``EMA.update`` vs the naive per-parameter loop.
+    """Packed and multi-tensor ``EMA.update`` vs the naive per-parameter loop.
 
     Returns:
-        ``ema_loop_seconds``, ``ema_foreach_seconds``, ``ema_vs_loop_speedup``.
+        ``ema_loop_seconds``, ``ema_foreach_seconds`` (packed),
+        ``ema_vs_loop_speedup``, and the same for the unpacked update
+        (``..._unpacked``).
     """
     generator = torch.Generator().manual_seed(0)
     sizes = torch.randint(*LOOP_SIZES, (LOOP_TENSORS,), generator=generator)
     model = Params([torch.rand(int(n), generator=generator) for n in sizes])
-    ema = EMA(model, decay=0.999, warmup=False)
+    unpacked = EMA(model, decay=0.999, warmup=False)
+    ema = EMA(model, decay=0.999, warmup=False, contiguous=True)
     shadows = [t.clone() for t in model.parameters()]
     decay = 0.999
 
@@ -106,11 +118,14 @@ def loop_speedup() -> dict:
 
     loop = best_seconds(naive)
     foreach = best_seconds(lambda: ema.update(model))
+    foreach_unpacked = best_seconds(lambda: unpacked.update(model))
     return {
         "ema_loop_tensors": LOOP_TENSORS,
         "ema_loop_seconds": round(loop, 5),
         "ema_foreach_seconds": round(foreach, 5),
         "ema_vs_loop_speedup": round(loop / foreach, 1),
+        "ema_foreach_unpacked_seconds": round(foreach_unpacked, 5),
+        "ema_vs_loop_speedup_unpacked": round(loop / foreach_unpacked, 1),
     }
 
 

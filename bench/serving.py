@@ -68,6 +68,8 @@ import psutil
 import uvloop
 from fastapi import FastAPI
 
+from bench import THP, THP_SET_HERE
+
 logger = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
@@ -273,6 +275,8 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without ``EMAREC_*`` (the server reads those), plus
     ``extra``; MLflow telemetry off and no proxy for loopback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMAREC_")}
+    if THP_SET_HERE:  # the servers run as they would outside the benchmark
+        env.pop(THP, None)
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     env.update(NO_PROXY=f"{LOCALHOST},localhost", no_proxy=f"{LOCALHOST},localhost")
     paths = [str(REPO), env.get("PYTHONPATH")]

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.multi_tensor import SplitLerp
+from models import lazy_rows
+from models.multi_tensor import Packed, SplitLerp, packable
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,15 @@ class _LogPrefix:
         Returns:
             ``[R]`` float32 weights.
         """
+        weights = self.weights().to(last.device)  # [L]
+        return weights.index_select(0, last - self.base)
+
+    def weights(self) -> torch.Tensor:
+        """``[L]`` float32 lerp weights of rows last caught up at ``base + i``."""
         if self._weights is None or len(self._weights) != self._length:
             sums = self._values[: self._length]  # [L]
             self._weights = (1.0 - torch.exp(self.total - sums)).to(torch.float32)
-        weights = self._weights.to(last.device)  # [L]
-        return weights.index_select(0, last - self.base)
+        return self._weights
 
 
 class _LazyTable:
@@ -250,12 +255,20 @@ class EMA:
         write_barrier: called before every write to the shadow; a publisher
             reading the shadow in the background (``DoubleBuffer.wait``) goes
             here so it never reads a half-written average.
+        contiguous: pack the model's small floating tensors (below 32,768
+            elements, lazy tables aside) into one flat buffer per dtype and
+            device, and their shadows likewise, so an update is one ``lerp_``
+            per buffer instead of one per tensor (see ``multi_tensor.Packed``).
+            The model's tensors keep their objects and values; one given new
+            storage later (``.to()``, ``.data = ...``) is noticed at the next
+            update and averaged on its own from then on, with a warning.
 
     Integer buffers (counters) are copied, not averaged.
 
     Raises:
-        ValueError: for a decay outside (0, 1), ``update_every < 1``, or a
-            lazy table that is not a 2-D floating tensor of the model.
+        ValueError: for a decay outside (0, 1), ``update_every < 1``, a
+            lazy table that is not a 2-D floating tensor of the model, or
+            ``contiguous`` with ``adaptive`` (one decay per packed buffer).
     """
 
     def __init__(
@@ -272,10 +285,16 @@ class EMA:
         adaptive_scale: float = 0.01,
         adaptive_rate: float = 0.9,
         write_barrier: Callable[[], None] | None = None,
+        contiguous: bool = False,
     ):
         _check_decay(decay)
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
+        if contiguous and adaptive:
+            raise ValueError(
+                "contiguous=True averages a packed buffer with one decay; "
+                "adaptive=True needs one per tensor: set only one of them"
+            )
         self.decay = decay
         self.active_decay = decay
         self.warmup = warmup
@@ -303,6 +322,9 @@ class EMA:
         optimizers = _as_list(optimizer)
         requested = self._requested_tables(model, lazy_tables)
         self._setup_lazy(model, requested, optimizers)
+        self._packs: list[Packed] = []
+        if contiguous:
+            self._pack(model)
 
     # -- configuration ---------------------------------------------------------
 
@@ -379,6 +401,9 @@ class EMA:
         """
         self._refuse_while_swapped("update")
         decay = self.current_decay()
+        for pack in [p for p in self._packs if not p.intact()]:
+            self._unpack(pack, "was given new storage")
+            self._plan = None
         plan = self._plan_for(model)
         self._barrier()
         for copy, tensor in plan.copies:
@@ -411,13 +436,21 @@ class EMA:
         if self._plan is not None and self._plan.key == key:
             return self._plan
         self._plan = _Plan(key)
-        for name, tensor in self._paired(model):
+        paired = dict(self._paired(model))
+        for pack in [p for p in self._packs if not p.holds(paired)]:
+            self._unpack(pack, "is not in this model")
+        packed = {name for pack in self._packs for name in pack.names}
+        for name, tensor in paired.items():
+            if name in packed:
+                continue
             if name in self._tables:
                 self._plan.tables.append((name, tensor))
             elif name in self._shadow:
                 self._plan.add_average(name, self._shadow[name], tensor)
             else:
                 self._plan.copies.append((self.copied[name], tensor))
+        for pack in self._packs:
+            self._plan.add_average(pack.names[0], pack.shadow, pack.source)
         self._plan.lerp = SplitLerp(self._plan.shadows)
         self._plan.layout = _Layout(model)
         return self._plan
@@ -434,6 +467,41 @@ class EMA:
             )
         for name, tensor in state.items():
             yield name, tensor
+
+    # -- packed small tensors ----------------------------------------------------
+
+    def _pack(self, model: nn.Module) -> None:
+        groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in named_state(model):
+            if name in self._shadow and name not in self._tables and packable(tensor):
+                groups.setdefault((tensor.dtype, tensor.device), []).append(
+                    (name, tensor)
+                )
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            names = [name for name, _ in members]
+            tensors = [tensor for _, tensor in members]
+            pack = Packed(names, tensors, [self._shadow[n] for n in names])
+            self._shadow.update(zip(names, pack.shadows, strict=True))
+            self._packs.append(pack)
+            logger.info(
+                "EMA packed %d %s tensors (%d elements) into one buffer",
+                len(names),
+                pack.source.dtype,
+                pack.numel,
+            )
+        self._plan = None
+
+    def _unpack(self, pack: Packed, why: str) -> None:
+        logger.warning(
+            "EMA: a packed tensor (of %s, ...) %s; its %d tensors are averaged "
+            "one by one from now on",
+            pack.names[0],
+            why,
+            len(pack.names),
+        )
+        self._packs.remove(pack)
 
     # -- lazy tables -----------------------------------------------------------
 
@@ -466,13 +534,21 @@ class EMA:
     def _sync_rows(self, name: str, rows: torch.Tensor) -> None:
         table = self._tables[name]
         shadow = self._shadow[name]  # [N, D]
+        source = table.source.detach()
+        if lazy_rows.fused(shadow, source) and rows.device.type == "cpu":
+            self._barrier()
+            weights, base = self._prefix.weights(), self._prefix.base
+            lazy_rows.catch_up_rows(
+                shadow, source, table.last, weights, base, rows, self.num_updates
+            )
+            return
+
         # Duplicates stay; they write the same value twice. Sorting the ids
         # first saves less in gathers than the sort costs.
         last = table.last.index_select(0, rows)  # [R]
         weight = self._prefix.catch_up_weights(last).unsqueeze(1)  # [R, 1]
         caught_up, theta = table.scratch(len(rows), shadow)  # [R, D] each
         torch.index_select(shadow, 0, rows, out=caught_up)
-        source = table.source.detach()
         if source.dtype == torch.float32:
             torch.index_select(source, 0, rows, out=theta)
         else:

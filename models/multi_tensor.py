@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -114,3 +114,80 @@ class SplitLerp:
         torch._foreach_lerp_(*first)
         for future in futures:
             future.result()
+
+
+class Packed:
+    """Small tensors of one dtype and device moved into one flat buffer.
+
+    On CPU every torch op costs a few microseconds to dispatch, ``foreach`` ops
+    included (they loop over their tensors in C++), so averaging thousands of
+    small tensors is bound by the count, not the bytes. Packed, the model's
+    tensors become views of one ``source`` buffer and their float32 shadows
+    views of one ``shadow`` buffer, and an update is a single ``lerp_`` over
+    each pair. The tensors keep their objects and values (``tensor.data`` is
+    re-pointed, as the optimizer holds the objects), so the model trains as
+    before; saving a packed tensor alone saves the whole buffer.
+
+    Args:
+        names: the tensors' names in the model.
+        tensors: the model's tensors, one dtype and device, plain strided.
+        shadows: their float32 shadows, same order and shapes.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        tensors: list[torch.Tensor],
+        shadows: list[torch.Tensor],
+    ):
+        first = tensors[0]
+        self.names = names
+        total = sum(t.numel() for t in tensors)
+        self.source = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.shadow = torch.empty(total, dtype=torch.float32, device=first.device)
+        self.members = tensors
+        self.shadows: list[torch.Tensor] = []
+        offset = 0
+        with torch.no_grad():
+            for tensor, shadow in zip(tensors, shadows, strict=True):
+                size = tensor.numel()
+                source_view = self.source[offset : offset + size].view(tensor.shape)
+                shadow_view = self.shadow[offset : offset + size].view(tensor.shape)
+                source_view.copy_(tensor)
+                shadow_view.copy_(shadow)
+                tensor.data = source_view
+                self.shadows.append(shadow_view)
+                offset += size
+        self.pointers = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return list(map(torch.Tensor.data_ptr, self.members))
+
+    def intact(self) -> bool:
+        """Whether every member still lives in the buffer (cheap, C-speed).
+
+        ``tensor.data = other``, ``module.to(...)`` or ``.half()`` give a
+        member new storage: it no longer reads from the buffer.
+        """
+        return self._pointers() == self.pointers
+
+    def holds(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``tensors`` (name to tensor) has these members by name."""
+        return all(
+            tensors.get(name) is member
+            for name, member in zip(self.names, self.members, strict=True)
+        )
+
+    @property
+    def numel(self) -> int:
+        return self.source.numel()
+
+
+def packable(tensor: torch.Tensor) -> bool:
+    """A small, plain, dense floating tensor (no subclass such as a DTensor)."""
+    return (
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.layout == torch.strided
+        and tensor.is_floating_point()
+        and tensor.numel() < GRAIN
+    )

@@ -460,11 +460,17 @@ class Many(nn.Module):
         )
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_many_small_tensors_match_a_reference_loop(adaptive: bool) -> None:
+@pytest.mark.parametrize(
+    ("adaptive", "contiguous"), [(False, False), (True, False), (False, True)]
+)
+def test_many_small_tensors_match_a_reference_loop(
+    adaptive: bool, contiguous: bool
+) -> None:
     torch.manual_seed(0)
     model = Many()
-    ema = EMA(model, decay=0.99, warmup=False, adaptive=adaptive)
+    ema = EMA(
+        model, decay=0.99, warmup=False, adaptive=adaptive, contiguous=contiguous
+    )
     reference = float_state(model)
     for step in range(3):
         perturb(model, seed=step)
@@ -479,9 +485,10 @@ def test_many_small_tensors_match_a_reference_loop(adaptive: bool) -> None:
         torch.testing.assert_close(ema.shadow[name], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_cast_in_place_is_paired_again() -> None:
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_a_model_cast_in_place_is_paired_again(contiguous: bool) -> None:
     model = make_model()
-    ema = EMA(model, decay=0.5, warmup=False)
+    ema = EMA(model, decay=0.5, warmup=False, contiguous=contiguous)
     ema.update(model)
     model.to(torch.float64)  # same parameter objects, another dtype
     with torch.no_grad():
@@ -492,9 +499,10 @@ def test_a_model_cast_in_place_is_paired_again() -> None:
     torch.testing.assert_close(ema.shadow["fc1.weight"], 0.5 * start + 1.0)
 
 
-def test_a_tensor_replaced_after_updates_is_followed() -> None:
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_a_tensor_replaced_after_updates_is_followed(contiguous: bool) -> None:
     model = make_model()
-    ema = EMA(model, decay=0.5, warmup=False)
+    ema = EMA(model, decay=0.5, warmup=False, contiguous=contiguous)
     ema.update(model)
     model.fc1.weight = nn.Parameter(torch.full_like(model.fc1.weight, 7.0))
     before = ema.shadow["fc1.weight"].clone()
@@ -505,9 +513,10 @@ def test_a_tensor_replaced_after_updates_is_followed() -> None:
     assert torch.allclose(ema.shadow["fc1.weight"], expected)
 
 
-def test_a_dtype_changed_in_place_after_updates_is_cast() -> None:
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_a_dtype_changed_in_place_after_updates_is_cast(contiguous: bool) -> None:
     model = make_model()
-    ema = EMA(model, decay=0.5, warmup=False)
+    ema = EMA(model, decay=0.5, warmup=False, contiguous=contiguous)
     ema.update(model)
     model.half()  # same Parameter objects, new dtype
     source = model.fc2.bias.detach().float()
@@ -527,3 +536,78 @@ def test_a_module_added_after_updates_is_refused_by_name() -> None:
 
     with pytest.raises(KeyError, match="extra.weight"):
         ema.update(model)
+
+
+def test_contiguous_packs_small_tensors_keeping_objects_and_values() -> None:
+    torch.manual_seed(0)
+    model = Many()
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+
+    EMA(model, decay=0.99, contiguous=True)
+
+    for name, p in model.named_parameters():
+        assert p is before[name][0], f"{name} is a new object"
+        assert torch.equal(p, before[name][1]), f"{name} changed value"
+    storages = {p.untyped_storage().data_ptr() for p in model.small}
+    assert len(storages) == 1, "the small tensors share one buffer"
+    assert all(p.untyped_storage().data_ptr() not in storages for p in model.large)
+
+
+def test_contiguous_trains_and_averages_exactly_like_unpacked() -> None:
+    packed_model, plain_model = make_model(), make_model()
+    packed = EMA(packed_model, decay=0.9, warmup=True, contiguous=True)
+    plain = EMA(plain_model, decay=0.9, warmup=True)
+    optimizers = [
+        torch.optim.Adam(m.parameters(), lr=0.01) for m in (packed_model, plain_model)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x = torch.randn(8, 4, generator=generator)  # [B, 4]
+        for model, optimizer, ema in zip(
+            (packed_model, plain_model), optimizers, (packed, plain), strict=True
+        ):
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ema.update(model)
+    for name, expected in plain.shadow.items():
+        assert torch.equal(packed.shadow[name], expected), name
+    assert torch.equal(packed.copied["norm.num_batches_tracked"], torch.tensor(6))
+
+
+def test_packed_tensor_given_new_storage_is_averaged_alone(caplog) -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=False, contiguous=True)
+    ema.update(model)
+    model.fc1.weight.data = torch.full_like(model.fc1.weight, 7.0)  # new storage
+    before = ema.shadow["fc1.weight"].clone()
+    bias = model.fc2.bias.detach().clone()
+    bias_before = ema.shadow["fc2.bias"].clone()
+
+    ema.update(model)
+
+    assert "new storage" in caplog.text
+    torch.testing.assert_close(ema.shadow["fc1.weight"], 0.5 * before + 3.5)
+    torch.testing.assert_close(ema.shadow["fc2.bias"], 0.5 * bias_before + 0.5 * bias)
+
+
+def test_contiguous_state_round_trips_through_torch_save() -> None:
+    model = make_model()
+    ema = EMA(model, decay=0.9, warmup=False, contiguous=True)
+    perturb(model, seed=0)
+    ema.update(model)
+    buffer = io.BytesIO()
+    torch.save(ema.state_dict(), buffer)
+    buffer.seek(0)
+    restored = EMA(make_model(1), decay=0.9, warmup=False, contiguous=True)
+
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+
+    for name, expected in ema.shadow.items():
+        assert torch.equal(restored.shadow[name], expected), name
+
+
+def test_contiguous_with_adaptive_is_refused() -> None:
+    with pytest.raises(ValueError, match="set only one of them"):
+        EMA(make_model(), contiguous=True, adaptive=True)

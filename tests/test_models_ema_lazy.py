@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import lazy_rows
 from models.ema import EMA
 
 ROWS, DIM = 50, 4
@@ -116,6 +117,21 @@ def test_lazy_matches_dense_with_explicit_prepare() -> None:
         lazy.step(model)
         if step % 13 == 0:  # reads in the middle of the run stay exact
             assert_same_average(lazy, dense)
+    assert_same_average(lazy, dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_matches_dense_through_torch_ops(dtype, monkeypatch) -> None:
+    """Tables the fused CPU loop does not take (here: all) use torch ops."""
+    monkeypatch.setattr(lazy_rows, "fused", lambda shadow, source: False)
+    model = make_model(2).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dense = EMA(model, decay=0.95, warmup=True)
+    lazy = EMA(model, decay=0.95, warmup=True, lazy_tables=TABLES)
+    for step in range(30):
+        train_step(model, optimizer, step, lambda ids: lazy.prepare(touched(ids)))
+        dense.step(model)
+        lazy.step(model)
     assert_same_average(lazy, dense)
 
 
