@@ -40,8 +40,11 @@ requests are ever in flight together to batch. ``serving_batching_worth_it``
 says whether both are large enough; see the report for the figures.
 
 Environment: ``EMAREC_BENCH_BUNDLE`` (a bundle folder; else a short pipeline
-run builds one), ``EMAREC_BENCH_LOAD_S`` (seconds per target, default 20),
-``EMAREC_BENCH_SOAK_S``. Everything listens on and talks to 127.0.0.1 only.
+run builds one), ``EMAREC_BENCH_LOAD_S`` (seconds per target, default 20; 0
+skips the load phase, for a soak alone), ``EMAREC_BENCH_SOAK_S``. The soak's
+RSS samples go to ``bench/serving_soak_rss.csv``, and the RSS trend of each
+half after the warm-up (MB per minute) to the results. Everything listens on
+and talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ RSS_EVERY_S = 5.0
 SOAK_RATE = 50.0
 SOAK_FLUSH_S = 30.0
 SOAK_WARMUP_S = 60.0
+SOAK_SAMPLES = Path(__file__).resolve().parent / "serving_soak_rss.csv"
 COLD_ITEMS = 5
 K = 10
 LOOKUP_P99_TARGET = 1.5
@@ -526,10 +530,37 @@ def soak_phase(bundle: Path, work: Path, payloads: Payloads, seconds: float) -> 
         serving_soak_plots=serving_plots(soak_dir),
     )
     out.update(log_share(result, seconds, warmup, samples[-1][1] - start_mb))
+    out.update(rss_slopes(samples, warmup, seconds))
+    write_samples(samples, SOAK_SAMPLES)
     out["serving_soak_flushes"] = flush_count(soak_dir)
     if result.error_samples:
         logger.warning("soak errors, e.g. %s", result.error_samples)
     return out
+
+
+def rss_slopes(samples: list[tuple[float, float]], warmup: float, seconds: float):
+    """RSS trend (least-squares MB per minute) in each half after the warm-up.
+
+    Flat memory shows as a second-half slope near zero; a leak keeps its
+    slope, warm-up growth (allocator pools, caches filling) loses it.
+    """
+    middle = (warmup + seconds) / 2
+    halves = {"1st": (warmup, middle), "2nd": (middle, seconds + RSS_EVERY_S)}
+    out = {}
+    for half, (low, high) in halves.items():
+        points = np.array([(at, mb) for at, mb in samples if low <= at <= high])
+        slope = 0.0
+        if len(points) > 2:
+            slope = np.polyfit(points[:, 0] / 60, points[:, 1], 1)[0]  # MB/min
+        out[f"serving_soak_rss_slope_{half}_half_mb_per_min"] = round(float(slope), 3)
+    return out
+
+
+def write_samples(samples: list[tuple[float, float]], path: Path) -> None:
+    """The soak's RSS samples as CSV (``seconds,rss_mb``), for a plot."""
+    rows = [f"{at:.1f},{mb:.2f}" for at, mb in samples]
+    path.write_text("seconds,rss_mb\n" + "\n".join(rows) + "\n")
+    logger.info("soak RSS samples in %s", path)
 
 
 def log_entry_bytes(entries: int = 2000) -> float:
@@ -681,12 +712,14 @@ def run() -> dict:
         bundle = bundle_path(work)
         payloads = Payloads.from_bundle(bundle)
         out["serving_catalogue_items"] = len(payloads.items)
-        out.update(load_phase(bundle, work, payloads))
-        out.update(verdicts(out))
+        if load_seconds() > 0:
+            out.update(load_phase(bundle, work, payloads))
+            out.update(verdicts(out))
         seconds = soak_seconds()
         if seconds > 0:
             out.update(soak_phase(bundle, work, payloads, seconds))
-        out.update(batching_phase(bundle, payloads, out))
+        if load_seconds() > 0:
+            out.update(batching_phase(bundle, payloads, out))
     out["serving_loadavg_end"] = round(os.getloadavg()[0], 2)
     return out
 
