@@ -43,10 +43,23 @@ def cold_users(bundle: ModelBundle, count: int = 30) -> list[ColdUser]:
 
 
 def assert_same_recommendations(cached, direct, what: str) -> None:
-    assert [s.item_id for s in cached] == [s.item_id for s in direct], what
+    """The same ranking up to float rounding: equal scores position by position,
+    and items in another order only where their scores tie within ``ATOL``
+    (the two paths batch the same sums differently)."""
+    assert len(cached) == len(direct), what
     np.testing.assert_allclose(
         [s.score for s in cached], [s.score for s in direct], atol=ATOL, err_msg=what
     )
+    direct_scores = {s.item_id: s.score for s in direct}
+    for position, scored in enumerate(cached):
+        if scored.item_id == direct[position].item_id:
+            continue
+        # A swap within a near-tie, or across the cut at k for the last items.
+        expected = direct_scores.get(scored.item_id, direct[-1].score)
+        assert abs(scored.score - expected) <= ATOL, (
+            f"{what}: item {scored.item_id} at {position} scores {scored.score}, "
+            f"the full network {expected}"
+        )
 
 
 def test_known_user_embeddings_match_the_teacher_network(bundle) -> None:
