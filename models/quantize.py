@@ -70,6 +70,8 @@ def quantize_dense(model: nn.Module) -> nn.Module:
 INPUT_ZERO_POINT = 128
 WEIGHT_RANGE = (-64, 63)
 SEGMENTS = 5
+# User-candidate pairs whose input codes are made at once (see ``_codes``).
+CODE_ROWS = 16384
 
 
 class Int8PairHead(nn.Module):
@@ -163,20 +165,32 @@ class Int8PairHead(nn.Module):
         return quantized.eval()
 
     def _codes(self, user, items, interest) -> torch.Tensor:
-        """The head's input as codes, uint8 ``[B, N, 5 * D]``."""
+        """The head's input as codes, uint8 ``[B, N, 5 * D]``.
+
+        The per-pair parts (interest and the two products) are made a few
+        users at a time (``CODE_ROWS`` pairs): quantizing goes through a float
+        product and an integer copy, and those temporaries stay small.
+        """
         d = self.dim
-        codes = torch.empty(*items.shape[:-1], SEGMENTS * d, dtype=torch.uint8)
+        users, n = items.shape[:2]
+        codes = torch.empty(users, n, SEGMENTS * d, dtype=torch.uint8)
         scales = self.segment_scales.tolist()
+        user = user[:, None, :]
+        if users > 1 and items.stride(0) == 0:
+            items = items[:1]  # the same candidates for every user: quantize once
         with warnings.catch_warnings():
             # quint8 tensors are deprecated; FBGEMM's quantized Linear takes them.
             warnings.simplefilter("ignore")
-            for k, part in enumerate(head_segments(user, items, interest)):
-                if part.shape[0] > 1 and part.stride(0) == 0:
-                    part = part[:1]  # the same rows for every user: quantize once
-                quantized = torch.quantize_per_tensor(
-                    part, scales[k], INPUT_ZERO_POINT, torch.quint8
-                )
-                codes[..., k * d : (k + 1) * d] = quantized.int_repr()
+            codes[..., :d] = _quantized_codes(user, scales[0])
+            codes[..., d : 2 * d] = _quantized_codes(items, scales[1])
+            step = max(1, CODE_ROWS // max(n, 1))
+            for start in range(0, users, step):
+                rows = slice(start, start + step)
+                chunk, interest_rows = codes[rows], interest[rows]
+                item_rows = items if items.shape[0] == 1 else items[rows]
+                chunk[..., 2 * d : 3 * d] = _quantized_codes(interest_rows, scales[2])
+                chunk[..., 3 * d : 4 * d] = _quantized_codes(user[rows] * item_rows, scales[3])
+                chunk[..., 4 * d :] = _quantized_codes(interest_rows * item_rows, scales[4])
         return codes
 
     def forward(self, user, items, interest):
@@ -185,6 +199,10 @@ class Int8PairHead(nn.Module):
         # in the first layer's weights.
         inputs = torch._make_per_tensor_quantized_tensor(codes, 1.0, INPUT_ZERO_POINT)
         return self.out(self.hidden(inputs).dequantize())
+
+
+def _quantized_codes(values: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.quantize_per_tensor(values, scale, INPUT_ZERO_POINT, torch.quint8).int_repr()
 
 
 @torch.no_grad()
