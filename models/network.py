@@ -310,11 +310,9 @@ class RecNetwork(nn.Module):
         candidate, ``[B, N]``.
 
         ``batch.item_idx`` is ignored; ``candidates`` is ``[N]`` item indices.
+        The candidates' attention queries are computed once, not once per user.
         """
-        user, history, mask = self.encode_user(batch)
-        items = self.item_vectors(candidates)[None].expand(user.shape[0], -1, -1)
-        logits, _ = self._score(user, history, mask, items)
-        return rank_score(logits)
+        return self.score_encoded(self.encode_users(batch), self.candidate_cache(candidates))
 
     def encode_users(self, batch: Batch) -> EncodedUsers:
         """:meth:`encode_user` as one object, to keep and reuse."""
