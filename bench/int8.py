@@ -1,8 +1,10 @@
 """INT8 student against the float student: embedding bytes and batch scoring speed.
 
 Batch inference is serving's shape: a batch of new users, each scored against
-the whole catalogue. Float, INT8 tables, and INT8 tables plus dynamic INT8
-dense layers are timed interleaved, best of several repetitions each.
+the whole catalogue. Float, INT8 tables, INT8 tables plus dynamic INT8
+dense layers, and INT8 tables plus the static INT8 head (calibrated on other
+users than the timed ones) are timed interleaved, best of several repetitions
+each.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from data.load import load_data
 from data.locate import resolve_data
 from data.split import split_interactions
 from models.network import Batch, NetworkConfig, RecNetwork
-from models.quantize import embedding_bytes, quantize_dense, quantize_tables
+from models.quantize import embedding_bytes, quantize_dense, quantize_head, quantize_tables
 
 USERS = 64
 REPEATS = 15
 
 
-def student_and_batch() -> tuple[RecNetwork, Batch, torch.Tensor]:
+def student_and_batches() -> tuple[RecNetwork, Batch, Batch, torch.Tensor]:
+    """A float student (fixed random weights), the timed batch and a
+    calibration batch (``USERS`` rows each, with a history of at least 5), and
+    every item index."""
     loaded = load_data(resolve_data())
     events = split_interactions(loaded.interactions)
     warm = events.loc[events.cohort == "warm", "user_id"].unique().tolist()
@@ -34,8 +39,11 @@ def student_and_batch() -> tuple[RecNetwork, Batch, torch.Tensor]:
     examples = build_examples(events, space, space.encode_users(loaded.users), 20)
     torch.manual_seed(0)
     student = RecNetwork(NetworkConfig.from_space(space, use_user_id=False), space.item_tokens)
-    rows = np.flatnonzero(examples.history_len >= 5)[:USERS]
-    return student.eval(), Batch.from_examples(examples.take(rows)), torch.arange(space.num_items)
+    rows = np.flatnonzero(examples.history_len >= 5)
+    timed, calibration = (
+        Batch.from_examples(examples.take(rows[start : start + USERS])) for start in (0, USERS)
+    )
+    return student.eval(), timed, calibration, torch.arange(space.num_items)
 
 
 @torch.no_grad()
@@ -52,11 +60,16 @@ def best_ms(models: dict, batch: Batch, candidates: torch.Tensor) -> dict[str, f
 
 
 def run() -> dict:
-    student, batch, candidates = student_and_batch()
+    student, batch, calibration, candidates = student_and_batches()
     tables = quantize_tables(student)
-    models = {"float": student, "int8_tables": tables, "int8_all": quantize_dense(tables)}
+    models = {
+        "float": student,
+        "int8_tables": tables,
+        "int8_all": quantize_dense(tables),
+        "int8_static": quantize_head(tables, [calibration], candidates),
+    }
     ms = best_ms(models, batch, candidates)
-    fastest = min(("int8_tables", "int8_all"), key=ms.get)
+    fastest = min(("int8_tables", "int8_all", "int8_static"), key=ms.get)
     print(f"batch of {USERS} users x {len(candidates)} items:")
     for name, value in ms.items():
         print(f"  {name:12s} {value:8.2f} ms")
@@ -67,4 +80,5 @@ def run() -> dict:
         "int8_float_batch_ms": ms["float"],
         "int8_tables_batch_ms": ms["int8_tables"],
         "int8_all_batch_ms": ms["int8_all"],
+        "int8_static_batch_ms": ms["int8_static"],
     }

@@ -1,10 +1,13 @@
 """INT8 student: row-wise INT8 embedding tables, and INT8 dense layers where it pays.
 
 Embedding tables go through TorchRec's ``quantize_embeddings`` (FBGEMM row-wise
-INT8: one scale and offset per row). Dense layers are quantized with PyTorch's
-dynamic INT8 ``Linear`` only when that is measured faster on a sample batch on
-this machine; at this model's width it usually is not, and the float layers
-are kept.
+INT8: one scale and offset per row). Scoring is dominated by the click head
+(``models.network.PairHead``) over every user-candidate pair, which
+``Int8PairHead`` runs in static INT8: activation scales calibrated once on real
+batches, INT8 activations from the head's input to its last hidden layer.
+PyTorch's dynamic INT8 ``Linear`` (``quantize_dense``), which measures each
+activation's range per call, is kept as an option; at this model's width it
+was measured no faster than float32.
 """
 
 from __future__ import annotations
@@ -15,12 +18,20 @@ import time
 import warnings
 
 import torch
+import torch.ao.nn.intrinsic.quantized as nniq
 from torch import nn
+from torch.ao.quantization import QConfig, QuantStub, convert, fuse_modules, prepare
+from torch.ao.quantization.observer import (
+    FixedQParamsObserver,
+    HistogramObserver,
+    PerChannelMinMaxObserver,
+    default_per_channel_weight_observer,
+)
 from torchrec import EmbeddingBagCollection
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from models.network import Batch, RecNetwork
+from models.network import Batch, PairHead, RecNetwork, head_segments
 
 logger = logging.getLogger(__name__)
 
@@ -50,32 +61,225 @@ def quantize_dense(model: nn.Module) -> nn.Module:
         )
 
 
+# FBGEMM's AVX2 kernels add pairs of uint8 x int8 products in saturating
+# int16 (its AVX-512 VNNI kernels do not, but a saved student may be served on
+# either), so no pair may exceed 32767. Activation codes use all 8 bits and
+# the weights 7 (255 * 64 * 2 = 32640), which holds for any input: PyTorch's
+# usual ``reduce_range`` (7-bit activations) only fits the calibrated range in
+# 0..127, and an activation past it still gets a code up to 255.
+INPUT_ZERO_POINT = 128
+WEIGHT_RANGE = (-64, 63)
+SEGMENTS = 5
+# User-candidate pairs whose input codes are made at once (see ``_codes``).
+CODE_ROWS = 16384
+
+
+class Int8PairHead(nn.Module):
+    """The click head in static INT8, called like ``PairHead``.
+
+    Each of the head's five input parts (see ``head_segments``) is quantized
+    with its own calibrated scale into 8-bit codes written side by side into
+    one uint8 ``[B, N, 5 * D]`` buffer: the float concatenation is never built,
+    and the user and item parts are quantized once per user and per item, not
+    per pair. The part scales are folded into the first layer's weight
+    columns, so that layer reads the codes with a scale of 1. The two hidden
+    layers are FBGEMM quantized ``Linear`` + ReLU with per-channel 7-bit
+    weights (see ``WEIGHT_RANGE``), passing uint8 activations from one to the
+    next; the 2-output last layer runs in float32 on the dequantized last
+    hidden layer, so the logits are not rounded to 8 bits.
+
+    Refreshing it in place (``Int8Refresher``) is not supported: requantize
+    from the float student instead.
+
+    Build one with :meth:`calibrated`; the constructor makes the structure
+    that a saved state is loaded into.
+
+    Args:
+        dim: the width ``D`` of each part.
+        hidden: the first hidden layer's width (the second is half of it).
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("segment_scales", torch.ones(SEGMENTS))
+        self.hidden = nn.Sequential(
+            nniq.LinearReLU(SEGMENTS * dim, hidden), nniq.LinearReLU(hidden, hidden // 2)
+        )
+        self.out = nn.Linear(hidden // 2, 2)
+
+    @classmethod
+    @torch.no_grad()
+    def calibrated(cls, head: PairHead, samples: list[tuple[torch.Tensor, ...]]) -> "Int8PairHead":
+        """The INT8 version of a float ``head``.
+
+        Args:
+            head: ``Linear, ReLU, Linear, ReLU, Linear``, as ``PairHead``.
+            samples: ``(user, items, interest)`` inputs of the head on real
+                batches (see :func:`head_inputs`): the part scales come from
+                their largest magnitudes, the hidden activation scales from
+                histograms of the hidden layers on them.
+        """
+        first, _, second, _, last = head
+        quantized = cls(first.in_features // SEGMENTS, first.out_features)
+        largest = torch.zeros(SEGMENTS)
+        for sample in samples:
+            for k, part in enumerate(head_segments(*sample)):
+                largest[k] = torch.maximum(largest[k], part.abs().max())
+        # The largest magnitude maps to 127 codes either side of the zero point.
+        scales = largest.clamp(min=1e-8) / (255 - INPUT_ZERO_POINT)
+        quantized.segment_scales.copy_(scales)
+
+        # Float layers that take the codes minus the zero point: the part
+        # scales are folded into the first layer's columns.
+        folded = nn.Sequential(
+            QuantStub(), copy.deepcopy(first), nn.ReLU(), copy.deepcopy(second), nn.ReLU()
+        )
+        folded[1].weight.mul_(scales.repeat_interleave(quantized.dim)[None, :])
+        fuse_modules(folded, [["1", "2"], ["3", "4"]], inplace=True)
+        low, high = WEIGHT_RANGE
+        folded.qconfig = QConfig(
+            activation=HistogramObserver.with_args(reduce_range=False),
+            weight=PerChannelMinMaxObserver.with_args(
+                dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric,
+                quant_min=low,
+                quant_max=high,
+            ),
+        )
+        folded[0].qconfig = QConfig(
+            activation=FixedQParamsObserver.with_args(
+                scale=1.0, zero_point=INPUT_ZERO_POINT, dtype=torch.quint8
+            ),
+            weight=default_per_channel_weight_observer,
+        )
+        with warnings.catch_warnings():
+            # Eager-mode quantization is deprecated in favour of torchao.
+            warnings.simplefilter("ignore")
+            prepare(folded, inplace=True)
+            for sample in samples:
+                folded(quantized._codes(*sample).float() - INPUT_ZERO_POINT)
+            convert(folded, inplace=True)
+        quantized.hidden = nn.Sequential(folded[1], folded[3])
+        quantized.out.load_state_dict(last.state_dict())
+        return quantized.eval()
+
+    def _codes(self, user, items, interest) -> torch.Tensor:
+        """The head's input as codes, uint8 ``[B, N, 5 * D]``.
+
+        The per-pair parts (interest and the two products) are made a few
+        users at a time (``CODE_ROWS`` pairs): quantizing goes through a float
+        product and an integer copy, and those temporaries stay small.
+        """
+        d = self.dim
+        users, n = items.shape[:2]
+        codes = torch.empty(users, n, SEGMENTS * d, dtype=torch.uint8)
+        scales = self.segment_scales.tolist()
+        user = user[:, None, :]
+        if users > 1 and items.stride(0) == 0:
+            items = items[:1]  # the same candidates for every user: quantize once
+        with warnings.catch_warnings():
+            # quint8 tensors are deprecated; FBGEMM's quantized Linear takes them.
+            warnings.simplefilter("ignore")
+            codes[..., :d] = _quantized_codes(user, scales[0])
+            codes[..., d : 2 * d] = _quantized_codes(items, scales[1])
+            step = max(1, CODE_ROWS // max(n, 1))
+            for start in range(0, users, step):
+                rows = slice(start, start + step)
+                chunk, interest_rows = codes[rows], interest[rows]
+                item_rows = items if items.shape[0] == 1 else items[rows]
+                chunk[..., 2 * d : 3 * d] = _quantized_codes(interest_rows, scales[2])
+                chunk[..., 3 * d : 4 * d] = _quantized_codes(user[rows] * item_rows, scales[3])
+                chunk[..., 4 * d :] = _quantized_codes(interest_rows * item_rows, scales[4])
+        return codes
+
+    def forward(self, user, items, interest):
+        codes = self._codes(user, items, interest)
+        # The codes as a quantized tensor, without a copy; the part scales are
+        # in the first layer's weights.
+        inputs = torch._make_per_tensor_quantized_tensor(codes, 1.0, INPUT_ZERO_POINT)
+        return self.out(self.hidden(inputs).dequantize())
+
+
+def _quantized_codes(values: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.quantize_per_tensor(values, scale, INPUT_ZERO_POINT, torch.quint8).int_repr()
+
+
+@torch.no_grad()
+def head_inputs(model: RecNetwork, batch: Batch, candidates: torch.Tensor) -> tuple:
+    """``(user, items, interest)`` that ``model``'s head gets in
+    ``score_candidates(batch, candidates)``."""
+    seen = []
+
+    def record(module, args):
+        seen.append(args)
+
+    handle = model.head.register_forward_pre_hook(record)
+    try:
+        model.score_candidates(batch, candidates)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def quantize_head(
+    model: RecNetwork, calibration: list[Batch], candidates: torch.Tensor
+) -> RecNetwork:
+    """A copy of ``model`` with its head in static INT8, calibrated on
+    ``calibration`` batches scored against ``candidates``."""
+    samples = [head_inputs(model, batch, candidates) for batch in calibration]
+    quantized = copy.deepcopy(model).eval()
+    quantized.head = Int8PairHead.calibrated(model.head, samples)
+    return quantized
+
+
+def with_int8_head(model: RecNetwork) -> RecNetwork:
+    """``model`` with an uncalibrated ``Int8PairHead``, to load a saved state into."""
+    config = model.config
+    model.head = Int8PairHead(config.embedding_dim, config.hidden_dim)
+    return model
+
+
+DENSE_CHOICES = ("auto", "static", "dynamic", "always", "never")
+
+
 def quantize_student(
-    model: RecNetwork, sample: Batch, candidates: torch.Tensor, dense: str = "auto"
+    model: RecNetwork,
+    sample: Batch,
+    candidates: torch.Tensor,
+    dense: str = "auto",
+    calibration: list[Batch] | None = None,
 ) -> tuple[nn.Module, dict]:
     """INT8 student, and a record of what was quantized and why.
 
     Args:
         sample: a batch for timing the dense choice.
-        candidates: item indices scored per user in the timing (serving's shape).
-        dense: ``"auto"`` (measure), ``"always"`` or ``"never"``.
+        candidates: item indices scored per user in the timing and the
+            calibration (serving's shape).
+        dense: ``"static"`` (``Int8PairHead``), ``"dynamic"`` (dynamic INT8
+            ``Linear`` layers; ``"always"`` is the same), ``"never"``, or
+            ``"auto"``: static when it is measured faster than float32.
+        calibration: batches for the static head's scales; ``[sample]`` when
+            not given.
     """
-    if dense not in ("auto", "always", "never"):
-        raise ValueError(f"dense must be auto, always or never, got {dense!r}")
+    if dense not in DENSE_CHOICES:
+        raise ValueError(f"dense must be one of {', '.join(DENSE_CHOICES)}, got {dense!r}")
     tables = quantize_tables(model)
     info = {"embedding_tables": "int8 row-wise", "dense": "float32"}
     if dense == "never":
         return tables, info
-    both = quantize_dense(tables)
-    if dense == "always":
+    if dense in ("dynamic", "always"):
         info["dense"] = "int8 dynamic"
-        return both, info
-    float_ms = _time_scoring(tables, sample, candidates)
-    int8_ms = _time_scoring(both, sample, candidates)
+        return quantize_dense(tables), info
+    static = quantize_head(tables, calibration or [sample], candidates)
+    if dense == "static":
+        info["dense"] = "int8 static head"
+        return static, info
+    float_ms, int8_ms = _time_interleaved([tables, static], sample, candidates)
     info.update(dense_float_ms=float_ms, dense_int8_ms=int8_ms)
     if int8_ms < 0.9 * float_ms:
-        info["dense"] = "int8 dynamic"
-        return both, info
+        info["dense"] = "int8 static head"
+        return static, info
     logger.info(
         "keeping float32 dense layers: INT8 scoring took %.1f ms against %.1f ms",
         int8_ms,
@@ -85,14 +289,20 @@ def quantize_student(
 
 
 @torch.no_grad()
-def _time_scoring(model: nn.Module, sample: Batch, candidates: torch.Tensor) -> float:
-    model.score_candidates(sample, candidates)  # warm-up
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        model.score_candidates(sample, candidates)
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+def _time_interleaved(
+    models: list[nn.Module], sample: Batch, candidates: torch.Tensor, repeats: int = 5
+) -> list[float]:
+    """Best-of-``repeats`` scoring milliseconds of each model, the models
+    taking turns so that a busy spell slows them alike."""
+    for model in models:
+        model.score_candidates(sample, candidates)  # warm-up
+    best = [float("inf")] * len(models)
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            model.score_candidates(sample, candidates)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1000 for b in best]
 
 
 def embedding_bytes(model: nn.Module) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from data.features import FeatureSpace
 from models.network import NetworkConfig, RecNetwork
-from models.quantize import quantize_dense, quantize_tables
+from models.quantize import quantize_dense, quantize_tables, with_int8_head
 
 
 def save_network(
@@ -46,6 +46,8 @@ def load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:
         model = quantize_tables(model)
         if quantized.get("dense") == "int8 dynamic":
             model = quantize_dense(model)
+        elif quantized.get("dense") == "int8 static head":
+            model = with_int8_head(model)
     state = torch.load(folder / f"{name}.pt", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

@@ -164,8 +164,10 @@ class TrainConfig(BaseModel):
     @field_validator("quantize_dense")
     @classmethod
     def _dense_choice(cls, value: str) -> str:
-        if value not in ("auto", "always", "never"):
-            raise ValueError(f"quantize_dense must be auto, always or never, not {value!r}")
+        # models.quantize.DENSE_CHOICES, without importing torch here.
+        choices = ("auto", "static", "dynamic", "always", "never")
+        if value not in choices:
+            raise ValueError(f"quantize_dense must be one of {', '.join(choices)}, not {value!r}")
         return value
 
 

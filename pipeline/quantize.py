@@ -21,6 +21,22 @@ from pipeline.train import model_dir
 logger = logging.getLogger(__name__)
 
 
+# Warm validation rows that calibrate the static INT8 head, scored against the
+# whole catalogue in batches of serving's size.
+CALIBRATION_ROWS = 256
+CALIBRATION_BATCH = 64
+
+
+def calibration_batches(valid, seed: int) -> list[Batch]:
+    """Up to ``CALIBRATION_ROWS`` rows of ``valid``, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(valid), size=min(CALIBRATION_ROWS, len(valid)), replace=False)
+    return [
+        Batch.from_examples(valid.take(rows[start : start + CALIBRATION_BATCH]))
+        for start in range(0, len(rows), CALIBRATION_BATCH)
+    ]
+
+
 def run_quantize(config: PipelineConfig) -> dict:
     """Writes ``student_int8`` beside the float student and logs what was done."""
     folder = model_dir(config.work_dir)
@@ -30,7 +46,13 @@ def run_quantize(config: PipelineConfig) -> dict:
     valid = prepared.select("warm", "valid")
     sample = Batch.from_examples(valid.take(np.arange(min(16, len(valid)))))
     candidates = torch.arange(space.num_items)
-    quantized, info = quantize_student(student, sample, candidates, config.train.quantize_dense)
+    quantized, info = quantize_student(
+        student,
+        sample,
+        candidates,
+        config.train.quantize_dense,
+        calibration=calibration_batches(valid, config.train.seed),
+    )
     save_network(quantized, student.config, folder, "student_int8", quantized=info)
     info["float_embedding_bytes"] = embedding_bytes(student)
     info["int8_embedding_bytes"] = embedding_bytes(quantized)

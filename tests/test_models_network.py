@@ -16,8 +16,11 @@ from data.features import FeatureSpace
 from models.distill import DistillWeights, distillation_loss
 from models.network import Batch, NetworkConfig, Output, RecNetwork, rank_score
 from models.quantize import (
+    WEIGHT_RANGE,
+    Int8PairHead,
     embedding_bytes,
     quantize_dense,
+    quantize_head,
     quantize_student,
     quantize_tables,
 )
@@ -174,11 +177,17 @@ def _serving_networks(space, teacher, student) -> dict:
         "student": student[0],
         "student_int8": quantize_tables(student[0]),
         "student_int8_dense": quantize_dense(quantize_tables(student[0])),
+        "student_int8_static": quantize_head(
+            quantize_tables(student[0]),
+            [make_batch(space, seed=20, size=16)],
+            torch.arange(space.num_items),
+        ),
     }
 
 
 @pytest.mark.parametrize(
-    "which", ["teacher", "student", "student_int8", "student_int8_dense"]
+    "which",
+    ["teacher", "student", "student_int8", "student_int8_dense", "student_int8_static"],
 )
 def test_cached_candidates_score_like_score_candidates(
     space, teacher, student, which: str
@@ -415,10 +424,14 @@ def test_quantize_student_records_its_choice(space, student) -> None:
     candidates = torch.arange(1, space.num_items)
     never, info = quantize_student(student[0], batch, candidates, dense="never")
     assert info == {"embedding_tables": "int8 row-wise", "dense": "float32"}
-    always, info = quantize_student(student[0], batch, candidates, dense="always")
-    assert info["dense"] == "int8 dynamic"
+    for dense in ("dynamic", "always"):
+        _, info = quantize_student(student[0], batch, candidates, dense=dense)
+        assert info["dense"] == "int8 dynamic"
+    static, info = quantize_student(student[0], batch, candidates, dense="static")
+    assert info["dense"] == "int8 static head"
+    assert isinstance(static.head, Int8PairHead)
     _, info = quantize_student(student[0], batch, candidates, dense="auto")
-    assert info["dense"] in ("float32", "int8 dynamic")
+    assert info["dense"] in ("float32", "int8 static head")
     assert info["dense_float_ms"] > 0 and info["dense_int8_ms"] > 0
     with pytest.raises(ValueError, match="dense"):
         quantize_student(student[0], batch, candidates, dense="sometimes")
@@ -452,7 +465,7 @@ def test_float_network_round_trips(space, teacher, tmp_path: Path) -> None:
     assert_same(outputs_of(loaded, batch), outputs_of(model, batch))
 
 
-@pytest.mark.parametrize("dense", ["never", "always"])
+@pytest.mark.parametrize("dense", ["never", "dynamic", "static"])
 def test_int8_network_round_trips(space, student, tmp_path: Path, dense: str) -> None:
     model, config = student
     batch = make_batch(space, seed=12)
@@ -477,3 +490,45 @@ def test_dense_quantization_keeps_scores_close(space, student) -> None:
         torch.testing.assert_close(
             both(batch).logit, model(batch).logit, atol=0.1, rtol=0
         )
+
+
+def test_static_head_keeps_scores_close(space, student) -> None:
+    tables = quantize_tables(student[0])
+    candidates = torch.arange(space.num_items)
+    calibration = [make_batch(space, seed=s, size=16) for s in (20, 21)]
+    static = quantize_head(tables, calibration, candidates)
+    batch = make_batch(space, seed=14, size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(static(batch).logit, tables(batch).logit, atol=0.1, rtol=0)
+        scores = static.score_candidates(batch, candidates)
+        expected = tables.score_candidates(batch, candidates)
+    torch.testing.assert_close(scores, expected, atol=0.1, rtol=0)
+    # The top candidates barely move.
+    top = scores.topk(5, 1).indices
+    expected_top = expected.topk(5, 1).indices
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(top, expected_top)]
+    assert np.mean(overlap) > 0.8
+
+
+def test_static_head_codes_cannot_overflow_fbgemm_int16_pairs(space, student) -> None:
+    # FBGEMM's AVX2 kernels add pairs of uint8 x int8 products in int16: with
+    # 7-bit weights, no pair overflows whatever the activation codes.
+    model = quantize_head(
+        quantize_tables(student[0]), [make_batch(space, seed=20)], torch.arange(space.num_items)
+    )
+    low, high = WEIGHT_RANGE
+    assert 255 * max(-low, high) * 2 <= 32767
+    for layer in model.head.hidden:
+        weights = layer.weight().int_repr()
+        assert low <= weights.min() and weights.max() <= high
+
+
+def test_float_head_without_autograd_matches_the_concatenation(space, student) -> None:
+    model = student[0]
+    batch = make_batch(space, seed=15)
+    candidates = torch.arange(space.num_items)
+    with torch.no_grad():
+        fast = model.score_candidates(batch, candidates)
+    with torch.enable_grad():
+        concatenated = model.score_candidates(batch, candidates)
+    torch.testing.assert_close(fast, concatenated.detach(), atol=1e-6, rtol=0)
