@@ -88,8 +88,8 @@ class Int8PairHead(nn.Module):
     next; the 2-output last layer runs in float32 on the dequantized last
     hidden layer, so the logits are not rounded to 8 bits.
 
-    Refreshing it in place (``Int8Refresher``) is not supported: requantize
-    from the float student instead.
+    ``Int8Refresher`` refreshes it from a float32 master of its weights; the
+    activation scales stay those of the calibration.
 
     Build one with :meth:`calibrated`; the constructor makes the structure
     that a saved state is loaded into.
@@ -199,6 +199,47 @@ class Int8PairHead(nn.Module):
         # in the first layer's weights.
         inputs = torch._make_per_tensor_quantized_tensor(codes, 1.0, INPUT_ZERO_POINT)
         return self.out(self.hidden(inputs).dequantize())
+
+
+class _HeadMaster:
+    """Float32 master of a static INT8 head's hidden layers, for refreshes.
+
+    The first layer's weight columns carry the input parts' scales (see
+    ``Int8PairHead``); the master holds them unfolded, as in the float head.
+    """
+
+    def __init__(self, head: Int8PairHead):
+        self.head = head
+        # [1, 5 * D]: the scale folded into each input column.
+        self.columns = head.segment_scales.repeat_interleave(head.dim)[None, :]
+        first, second = head.hidden
+        self.weights = [first.weight().dequantize() / self.columns]
+        self.weights.append(second.weight().dequantize())
+        self.biases = [first.bias().detach().clone(), second.bias().detach().clone()]
+
+    @torch.no_grad()
+    def refresh(self, source: PairHead, weight: float) -> None:
+        """Folds the float ``source`` head in with ``weight`` and requantizes."""
+        first, _, second, _, last = source
+        masters = self.weights + self.biases
+        values = [first.weight, second.weight, first.bias, second.bias]
+        torch._foreach_lerp_(masters, [v.detach().float() for v in values], weight)
+        folded = (self.weights[0] * self.columns, self.weights[1])
+        for layer, matrix, bias in zip(self.head.hidden, folded, self.biases, strict=True):
+            layer.set_weight_bias(quantize_channels(matrix), bias.clone())
+        self.head.out.weight.lerp_(last.weight.float(), weight)
+        self.head.out.bias.lerp_(last.bias.float(), weight)
+
+
+def quantize_channels(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` float weights as per-channel symmetric qint8 in
+    ``WEIGHT_RANGE``, the scale of each output row from its largest magnitude
+    (as ``PerChannelMinMaxObserver`` derives it)."""
+    low, high = WEIGHT_RANGE
+    scale = weight.abs().amax(1).clamp(min=1e-8) / ((high - low) / 2)  # [out]
+    codes = torch.round(weight / scale[:, None]).clamp(low, high).to(torch.int8)
+    zero = torch.zeros(len(scale), dtype=torch.int64)
+    return torch._make_per_channel_quantized_tensor(codes, scale.double(), zero, 0)
 
 
 def _quantized_codes(values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -345,28 +386,41 @@ class Int8Refresher:
     refresh's rounding into the next, while here the served rows are always
     within one quantization step of the exact float EMA.
 
-    The master starts as the dequantized served tables. Dense layers, which
-    stay float32 in the served student, are averaged in place.
+    The master starts as the dequantized served tables. Dense layers that stay
+    float32 in the served student are averaged in place. A static INT8 head
+    (``Int8PairHead``) gets the tables' treatment: a float32 master of its
+    hidden layers' weights, requantized per output channel at each refresh;
+    its activation scales stay those of its calibration, so a student that
+    drifts far from it is better quantized afresh.
 
     Args:
-        served: the INT8 student (tables quantized by ``quantize_tables``).
+        served: the INT8 student (tables quantized by ``quantize_tables``,
+            optionally with ``quantize_head``).
         decay: the EMA decay of a refresh.
 
     Raises:
-        ValueError: the served student's dense layers are INT8 too.
+        ValueError: the served student's dense layers are dynamic INT8.
     """
 
     def __init__(self, served: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         state = served.state_dict()
-        if any("_packed_params" in name for name in state):
+        head = getattr(served, "head", None)
+        self.head = _HeadMaster(head) if isinstance(head, Int8PairHead) else None
+        refreshable = ("head.hidden.",) if self.head is not None else ()
+        packed = [n for n in state if "_packed_params" in n]
+        if any(not n.startswith(refreshable) for n in packed):
             raise ValueError(
-                "refresh needs float dense layers; quantize with dense='never' "
-                "or re-quantize from the float student instead"
+                "refresh needs float or static INT8 dense layers; quantize with "
+                "dense='never' or 'static', or re-quantize from the float student"
             )
         self.served, self.decay = served, decay
-        self.table_names = [n for n, t in state.items() if t.dtype == torch.uint8]
+        self.table_names = [
+            n
+            for n, t in state.items()
+            if isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+        ]
         self.master = {n: dequantize_rows(state[n]) for n in self.table_names}
 
     @torch.no_grad()
@@ -375,13 +429,19 @@ class Int8Refresher:
         source_state = source.state_dict()
         tables = [source_state[n].float() for n in self.table_names]
         torch._foreach_lerp_(list(self.master.values()), tables, 1.0 - self.decay)
-        quantized = {n: quantize_rows(self.master[n]) for n in self.table_names}
-        self.served.load_state_dict(quantized, strict=False)
+        # Into the served tables' own storage: ``load_state_dict`` with only
+        # the tables would trip a quantized head's loader, which wants all of
+        # its keys.
+        served_state = self.served.state_dict()
+        for name in self.table_names:
+            served_state[name].copy_(quantize_rows(self.master[name]))
         dense = [
             (param, source_state[name])
             for name, param in self.served.named_parameters()
             if name in source_state and param.is_floating_point()
         ]
+        if self.head is not None:
+            self.head.refresh(source.head, 1.0 - self.decay)
         if dense:
             targets, values = zip(*dense)
             torch._foreach_lerp_(list(targets), [v.float() for v in values], 1.0 - self.decay)

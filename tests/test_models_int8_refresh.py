@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from data.features import FeatureSpace
-from models.network import NetworkConfig, RecNetwork
+from models.network import Batch, NetworkConfig, RecNetwork
 from models.quantize import (
+    WEIGHT_RANGE,
     Int8Refresher,
     dequantize_rows,
     quantize_dense,
+    quantize_head,
     quantize_rows,
     quantize_tables,
 )
@@ -92,5 +94,54 @@ def test_refreshed_student_scores_like_a_fresh_quantization(student):
 
 
 def test_refresh_refuses_int8_dense_layers(student):
-    with pytest.raises(ValueError, match="float dense layers"):
+    with pytest.raises(ValueError, match="float or static INT8 dense layers"):
         Int8Refresher(quantize_dense(quantize_tables(student)), DECAY)
+
+
+def static_student(student: RecNetwork) -> torch.nn.Module:
+    """``student`` with INT8 tables and a static INT8 head, calibrated on
+    random users scored against the whole catalogue."""
+    generator = torch.Generator().manual_seed(5)
+    size, items = 16, student.config.num_items
+    batch = Batch(
+        user_idx=torch.zeros(size, dtype=torch.int64),
+        user_feats=torch.randint(0, 3, (size, 1), generator=generator),
+        item_idx=torch.zeros(size, dtype=torch.int64),
+        history=torch.randint(1, items, (size, 5), generator=generator),
+        history_len=torch.randint(1, 6, (size,), generator=generator),
+    )
+    return quantize_head(quantize_tables(student), [batch], torch.arange(items))
+
+
+def channel_step(weight: torch.Tensor) -> torch.Tensor:
+    """One quantization step per output channel of a 7-bit symmetric weight."""
+    low, high = WEIGHT_RANGE
+    return weight.abs().amax(1) / ((high - low) / 2)
+
+
+def test_static_head_refreshes_within_one_step_of_the_float_ema(student):
+    served = static_student(student)
+    refresher = Int8Refresher(served, DECAY)
+    columns = served.head.segment_scales.repeat_interleave(served.head.dim)
+    first, second = served.head.hidden
+    exact = [first.weight().dequantize() / columns, second.weight().dequantize()]
+    exact_out = served.head.out.weight.detach().clone()
+    source = copy.deepcopy(student)
+    for step in range(30):
+        drift(source, step)
+        refresher.refresh(source)
+        exact[0].lerp_(source.head[0].weight.detach(), 1 - DECAY)
+        exact[1].lerp_(source.head[2].weight.detach(), 1 - DECAY)
+        exact_out.lerp_(source.head[4].weight.detach(), 1 - DECAY)
+
+    served_weights = [first.weight().dequantize() / columns, second.weight().dequantize()]
+    for layer, (got, want) in enumerate(zip(served_weights, exact, strict=True)):
+        folded = want * columns if layer == 0 else want
+        error = ((got - want) * (columns if layer == 0 else 1)).abs().amax(1)
+        assert (error <= channel_step(folded) + 1e-6).all(), layer
+    torch.testing.assert_close(served.head.out.weight, exact_out, atol=1e-5, rtol=0)
+    # The refreshed student still scores: finite, and the tables moved too.
+    assert not torch.equal(
+        dequantize_rows(served.state_dict()[TABLE]),
+        dequantize_rows(static_student(student).state_dict()[TABLE]),
+    )
