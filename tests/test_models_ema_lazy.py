@@ -106,8 +106,16 @@ def test_lazy_matches_dense_with_an_optimizer_hook(warmup: bool, every: int) -> 
     assert not torch.equal(users[ONCE], start[TABLES[0]][ONCE]), "touched once"
 
 
-def test_lazy_matches_dense_with_explicit_prepare() -> None:
-    model = make_model(1)
+@pytest.mark.parametrize(
+    ("fused", "dtype"),
+    [(True, torch.float32), (False, torch.float32), (False, torch.bfloat16)],
+)
+def test_lazy_matches_dense_with_explicit_prepare(fused, dtype, monkeypatch) -> None:
+    """Through the fused CPU loop, and through the torch ops that tables it
+    does not take (other dtypes, devices) use."""
+    if not fused:
+        monkeypatch.setattr(lazy_rows, "fused", lambda shadow, source: False)
+    model = make_model(1).to(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     dense = EMA(model, decay=0.95, warmup=True)
     lazy = EMA(model, decay=0.95, warmup=True, lazy_tables=TABLES)
@@ -117,21 +125,6 @@ def test_lazy_matches_dense_with_explicit_prepare() -> None:
         lazy.step(model)
         if step % 13 == 0:  # reads in the middle of the run stay exact
             assert_same_average(lazy, dense)
-    assert_same_average(lazy, dense)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lazy_matches_dense_through_torch_ops(dtype, monkeypatch) -> None:
-    """Tables the fused CPU loop does not take (here: all) use torch ops."""
-    monkeypatch.setattr(lazy_rows, "fused", lambda shadow, source: False)
-    model = make_model(2).to(dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dense = EMA(model, decay=0.95, warmup=True)
-    lazy = EMA(model, decay=0.95, warmup=True, lazy_tables=TABLES)
-    for step in range(30):
-        train_step(model, optimizer, step, lambda ids: lazy.prepare(touched(ids)))
-        dense.step(model)
-        lazy.step(model)
     assert_same_average(lazy, dense)
 
 
