@@ -83,7 +83,11 @@ def serve(settings: ServingSettings | None = None) -> None:
     memory.fix_mmap_threshold(settings.malloc_mmap_threshold)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info"
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=settings.keep_alive_s,
     )
 
 

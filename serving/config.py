@@ -46,6 +46,11 @@ class ServingSettings(BaseSettings):
             each followed by a return of free heap pages to the kernel
             (``malloc_trim``); 0 never runs them, nor freezes the start-up
             objects out of the collector's sight.
+        keep_alive_s: seconds an idle client connection stays open. Longer
+            than the idle time of common clients' pools (httpx 5 s, load
+            balancers often 60 s): a server that closes first races the
+            client's next request on that connection, which then fails with
+            a reset instead of an answer (uvicorn's own default is 5 s).
     """
 
     model_config = SettingsConfigDict(env_prefix="EMAREC_", extra="forbid")
@@ -71,6 +76,7 @@ class ServingSettings(BaseSettings):
     malloc_arenas: int = Field(2, ge=0)
     malloc_mmap_threshold: int = Field(256 * 1024, ge=0, le=32 * 1024 * 1024)
     malloc_trim_interval_s: float = Field(10, ge=0)
+    keep_alive_s: float = Field(75, gt=0)
 
     @field_validator(
         "tracking_uri", "model_name", "model_alias", "host", "serving_experiment"

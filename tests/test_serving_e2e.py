@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
+import time
 import uuid
 
 import httpx
@@ -94,6 +96,40 @@ def test_served_embeddings_and_recommendations_match_the_networks(server):
 def test_server_sizes_torch_threads_from_settings(server):
     _, _, _, process = server
     assert "torch threads: 1 intra-op, 1 inter-op" in process.log_text()
+
+
+def test_an_idle_connection_outlives_common_client_pools(server):
+    # Clients keep idle connections for reuse (httpx 5 s, as uvicorn's default
+    # keep-alive): a server closing first races their next request on it.
+    url, _, _, _ = server
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        for wait_s in (0, 6):  # the second request after 6 s idle, same socket
+            time.sleep(wait_s)
+            connection.sendall(request)
+            answer = read_response(connection)
+            assert answer.startswith(b"HTTP/1.1 200"), (wait_s, answer[:80])
+
+
+def read_response(connection: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response (headers, then Content-Length bytes);
+    ``b""`` if the server closed the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def test_new_users_get_student_embeddings_in_a_batch(server):
