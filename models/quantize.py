@@ -94,6 +94,10 @@ class Int8PairHead(nn.Module):
     Build one with :meth:`calibrated`; the constructor makes the structure
     that a saved state is loaded into.
 
+    It is built on torch's eager-mode quantized modules and quint8 tensors,
+    which torch 2.13 marks deprecated (it warns when a head is built): a torch
+    that drops them needs this head ported to torchao's PT2E quantization.
+
     Args:
         dim: the width ``D`` of each part.
         hidden: the first hidden layer's width (the second is half of it).
