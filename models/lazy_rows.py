@@ -33,8 +33,9 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-# numba's default thread pool (workqueue) aborts when two threads launch
-# parallel kernels at once; an EMA may be prepared from more than one thread.
+# numba's workqueue thread pool (its fallback where neither OpenMP nor TBB
+# loads) aborts when two threads launch parallel kernels at once; an EMA may
+# be prepared from more than one thread.
 _launch = threading.Lock()
 
 # Below this many rows, waking the kernel's threads costs more than it saves.

@@ -426,6 +426,10 @@ class Int8Refresher:
             if isinstance(t, torch.Tensor) and t.dtype == torch.uint8
         ]
         self.master = {n: dequantize_rows(state[n]) for n in self.table_names}
+        # The served tables' own storage (state_dict tensors share it): each
+        # refresh writes into it. ``load_state_dict`` with only the tables
+        # would trip a quantized head's loader, which wants all of its keys.
+        self._served_tables = {n: state[n] for n in self.table_names}
 
     @torch.no_grad()
     def refresh(self, source: nn.Module) -> None:
@@ -433,12 +437,8 @@ class Int8Refresher:
         source_state = source.state_dict()
         tables = [source_state[n].float() for n in self.table_names]
         torch._foreach_lerp_(list(self.master.values()), tables, 1.0 - self.decay)
-        # Into the served tables' own storage: ``load_state_dict`` with only
-        # the tables would trip a quantized head's loader, which wants all of
-        # its keys.
-        served_state = self.served.state_dict()
-        for name in self.table_names:
-            served_state[name].copy_(quantize_rows(self.master[name]))
+        for name, served in self._served_tables.items():
+            served.copy_(quantize_rows(self.master[name]))
         dense = [
             (param, source_state[name])
             for name, param in self.served.named_parameters()
