@@ -28,10 +28,8 @@ server at the production flush interval (30 s, charts included) under a
 steady mix at 50 req/s (lookups, cold embeddings, warm and cold
 recommendations, feedback) and compares the server's RSS after a warm-up
 (one minute, or half the soak if shorter) with the middle and the end. The
-recommendation log is bounded but fills during the soak, so some growth is
-expected: its share is estimated from the recommendations made after the
-warm-up times the heap bytes of one log entry (measured here with
-``tracemalloc``), and the rest of the growth is reported beside it.
+recommendation log is allocated whole at start-up, so filling it adds
+nothing; what grows after the warm-up is the server's own.
 
 Micro-batching of concurrent cold-user requests is measured, not built: the
 in-process cost of embedding 1 user against 16 at once gives the most a batch
@@ -529,7 +527,7 @@ def soak_phase(bundle: Path, work: Path, payloads: Payloads, seconds: float) -> 
         serving_soak_rss_max_mb=round(max(mb for _, mb in samples), 1),
         serving_soak_plots=serving_plots(soak_dir),
     )
-    out.update(log_share(result, seconds, warmup, samples[-1][1] - start_mb))
+    out.update(soak_growth(result, samples[-1][1] - start_mb, start_mb))
     out.update(rss_slopes(samples, warmup, seconds))
     write_samples(samples, SOAK_SAMPLES)
     out["serving_soak_flushes"] = flush_count(soak_dir)
@@ -563,39 +561,13 @@ def write_samples(samples: list[tuple[float, float]], path: Path) -> None:
     logger.info("soak RSS samples in %s", path)
 
 
-def log_entry_bytes(entries: int = 2000) -> float:
-    """Python heap bytes one recommendation log entry holds once its feedback
-    (all items shown, one clicked) is recorded, as the soak's are."""
-    import tracemalloc
-
-    from serving.recommendations import RecommendationLog
-
-    log = RecommendationLog(entries)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i in range(entries):
-        items = list(range(i, i + K))
-        stored = log.add("warm", "1", items)
-        log.record(stored.recommendation_id, items, items[:1])
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    return used / entries
-
-
-def log_share(
-    result: LoadResult, seconds: float, warmup: float, growth_mb: float
-) -> dict:
-    """How much of the soak's RSS growth after warm-up the recommendation log
-    explains: recommendations made after the warm-up (taken as evenly spread
-    over the soak) times the bytes of one entry."""
+def soak_growth(result: LoadResult, growth_mb: float, start_mb: float) -> dict:
+    """RSS growth after the warm-up, in MB and as a share of the RSS then."""
     made = sum(len(result.latency_ms.get(label, [])) for label in ("warm", "cold"))
-    after_warmup = made * (seconds - warmup) / seconds
-    log_mb = after_warmup * log_entry_bytes() / 2**20
     return {
         "serving_soak_recommendations": made,
         "serving_soak_rss_growth_mb": round(growth_mb, 1),
-        "serving_soak_log_growth_mb_estimate": round(log_mb, 1),
-        "serving_soak_rss_growth_beyond_log_mb": round(growth_mb - log_mb, 1),
+        "serving_soak_rss_growth_pct": round(100 * growth_mb / start_mb, 2),
     }
 
 

@@ -113,7 +113,9 @@ def create_app(
         except Exception as exc:
             logger.error("no loadable model to serve, not starting: %s", exc)
             raise
-        log = RecommendationLog(settings.recommendation_cache)
+        log = RecommendationLog(
+            settings.recommendation_cache, settings.recommendation_cache_items
+        )
         app.state.serving = ServingState(settings, watcher, reporters, log)
         if source.follows:
             watcher.start()
@@ -428,7 +430,9 @@ def _unknown_recommendation(
     return HTTPException(
         404,
         f"unknown or expired recommendation_id {recommendation_id}; feedback is "
-        f"kept for the last {state.recommendations.capacity} recommendations",
+        f"kept for the last {state.recommendations.capacity} recommendations "
+        f"or {state.recommendations.item_capacity} recommended items, whichever "
+        "are fewer",
     )
 
 

@@ -6,8 +6,16 @@ import math
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.recommendations import MAX_CAPACITY
 
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Shorter tokens are guessable; 16 characters of a random token are plenty.
@@ -25,6 +33,11 @@ class ServingSettings(BaseSettings):
     Every field can be set as ``EMAREC_<FIELD>``, e.g. ``EMAREC_PORT=9000``.
 
     Attributes:
+        recommendation_cache: recommendations whose feedback is accepted:
+            the latest ones, at most this many ...
+        recommendation_cache_items: ... and holding at most this many items
+            together (at least ``max_k``). Both are allocated at start-up,
+            about 29 bytes a recommendation and 10 an item.
         poll_interval_s: seconds between checks of the registry alias; a new
             version under it is loaded in the background and swapped in.
         model_cache: loaded versions kept in memory (the serving one
@@ -67,6 +80,7 @@ class ServingSettings(BaseSettings):
     max_history: int = 50
     max_k: int = 100
     recommendation_cache: int = 100_000
+    recommendation_cache_items: int = 1_000_000
     poll_interval_s: float = 30
     model_cache: int = 3
     admin_token: SecretStr | None = None
@@ -135,6 +149,7 @@ class ServingSettings(BaseSettings):
         "max_history",
         "max_k",
         "recommendation_cache",
+        "recommendation_cache_items",
         "model_cache",
         "max_body_bytes",
         "torch_threads",
@@ -149,3 +164,18 @@ class ServingSettings(BaseSettings):
                 "positive integer"
             )
         return value
+
+    @model_validator(mode="after")
+    def _log_fits_a_recommendation(self) -> ServingSettings:
+        if self.recommendation_cache > MAX_CAPACITY:
+            raise ValueError(
+                f"recommendation_cache must be <= {MAX_CAPACITY}, got "
+                f"{self.recommendation_cache}; lower EMAREC_RECOMMENDATION_CACHE"
+            )
+        if self.recommendation_cache_items < self.max_k:
+            raise ValueError(
+                f"recommendation_cache_items ({self.recommendation_cache_items}) "
+                f"must hold one recommendation of max_k ({self.max_k}) items; "
+                "raise EMAREC_RECOMMENDATION_CACHE_ITEMS or lower EMAREC_MAX_K"
+            )
+        return self

@@ -1,12 +1,31 @@
-"""Recent recommendations, kept so feedback can be matched and deduplicated."""
+"""Recent recommendations, kept so feedback can be matched and deduplicated.
+
+The log is two rings allocated (and written once, so resident) when the
+server starts: one slot per recommendation, and a pool of item cells that a
+recommendation's items take in a row. Its memory is fixed from the first
+request on; filling it does not make the process grow. A recommendation
+leaves the log when its slot or any of its item cells is taken by a newer
+one, so the log holds the last ``capacity`` recommendations or the last
+``items`` recommended items, whichever is fewer; feedback then gets a 404
+saying so. With k = 10 and the defaults (100,000 and 1,000,000) that is
+100,000 recommendations in about 13 MB.
+
+A recommendation id is a random version-4 UUID whose first 32 bits are the
+slot: looking one up is an index and a comparison of all 128 bits, with no
+table of ids to grow.
+"""
 
 from __future__ import annotations
 
+import secrets
 import threading
 import uuid
-from array import array
-from collections import OrderedDict
 from dataclasses import dataclass
+
+import numpy as np
+
+COHORTS = ("warm", "cold")
+MAX_CAPACITY = 2**32 - 1  # the slot is the id's first 32 bits
 
 
 @dataclass(frozen=True)
@@ -42,63 +61,71 @@ class FeedbackOutcome:
     duplicates: int
 
 
-class _Entry:
-    """One logged recommendation, compact: 100,000 of them are kept by default.
-
-    Items are a machine-int array; what was shown and clicked are bitmasks
-    over the items' positions, rather than two Python sets (about 1.5 KB an
-    entry against about 0.4 KB).
-    """
-
-    __slots__ = ("cohort", "model_version", "items", "impressed", "clicked")
-
-    def __init__(self, cohort: str, model_version: str, item_ids: list[int]) -> None:
-        self.cohort = cohort
-        self.model_version = model_version
-        self.items = array("q", item_ids)
-        self.impressed = 0
-        self.clicked = 0
-
-    def recommendation(self, recommendation_id: str) -> Recommendation:
-        return Recommendation(
-            recommendation_id, self.cohort, self.model_version, tuple(self.items)
-        )
-
-    def mask(self, item_ids: set[int]) -> int:
-        """Bits of the positions of ``item_ids``; ids not recommended are left out."""
-        bits = 0
-        for position, item in enumerate(self.items):
-            if item in item_ids:
-                bits |= 1 << position
-        return bits
+def _filled(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zeroed array whose pages are already resident (``np.zeros`` maps
+    them on first write, so memory would grow as the log fills)."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
 
 
 class RecommendationLog:
-    """A thread-safe LRU of the last ``capacity`` recommendations."""
+    """A thread-safe, fixed-size log of the latest recommendations."""
 
-    def __init__(self, capacity: int) -> None:
-        """Create an empty log.
+    def __init__(self, capacity: int, items: int | None = None) -> None:
+        """Allocate the log.
 
         Args:
-            capacity: recommendations kept; the least recently used go first.
+            capacity: recommendations kept, at most.
+            items: recommended items kept, at most (default ``10 * capacity``);
+                one recommendation may hold up to this many.
 
         Raises:
-            ValueError: capacity below 1.
+            ValueError: capacity below 1 or above 2**32 - 1, or items below 1.
         """
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self._capacity = capacity
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        items = 10 * capacity if items is None else items
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be in [1, {MAX_CAPACITY}], got {capacity}")
+        if items < 1:
+            raise ValueError(f"items must be >= 1, got {items}")
+        self._capacity, self._pool = capacity, items
+        self._ids = _filled((capacity, 2), np.uint64)  # [C, 2] the id's 128 bits
+        self._cohort = _filled(capacity, np.uint8)  # [C] index into COHORTS
+        self._version = _filled(capacity, np.uint32)  # [C] index into _versions
+        self._start = _filled(capacity, np.int64)  # [C] first item cell, absolute
+        self._count = _filled(capacity, np.int32)  # [C]
+        self._items = _filled(items, np.int64)  # [I]
+        self._impressed = _filled(items, np.bool_)  # [I]
+        self._clicked = _filled(items, np.bool_)  # [I]
+        self._versions: list[str] = []
+        self._version_index: dict[str, int] = {}
+        self._added = 0  # recommendations ever added
+        self._cells = 0  # item cells ever taken, absolute
         self._lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
-        """How many recommendations are kept."""
+        """How many recommendations are kept, at most."""
         return self._capacity
 
+    @property
+    def item_capacity(self) -> int:
+        """How many recommended items are kept, at most."""
+        return self._pool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the log's arrays take."""
+        arrays = (self._ids, self._cohort, self._version, self._start, self._count)
+        cells = (self._items, self._impressed, self._clicked)
+        return sum(a.nbytes for a in (*arrays, *cells))
+
     def __len__(self) -> int:
+        """Recommendations that feedback can still reach."""
         with self._lock:
-            return len(self._entries)
+            kept = min(self._added, self._capacity)
+            starts = self._start[:kept] if kept < self._capacity else self._start
+            return int(np.count_nonzero(starts >= self._cells - self._pool))
 
     def add(
         self, cohort: str, model_version: str, item_ids: list[int]
@@ -108,34 +135,62 @@ class RecommendationLog:
         Args:
             cohort: ``warm`` or ``cold``.
             model_version: version of the model that produced it.
-            item_ids: recommended items, best first.
+            item_ids: recommended items, best first; distinct.
 
         Returns:
             The stored recommendation with its new id.
+
+        Raises:
+            ValueError: more items than the log holds, or an unknown cohort.
         """
-        recommendation_id = str(uuid.uuid4())
-        entry = _Entry(cohort, model_version, item_ids)
+        count = len(item_ids)
+        if count > self._pool:
+            raise ValueError(
+                f"a recommendation of {count} items does not fit a log of "
+                f"{self._pool} items; raise EMAREC_RECOMMENDATION_CACHE_ITEMS"
+            )
+        cohort_index = COHORTS.index(cohort)
         with self._lock:
-            self._entries[recommendation_id] = entry
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-        return entry.recommendation(recommendation_id)
+            slot = self._added % self._capacity
+            raw = bytearray(secrets.token_bytes(16))
+            raw[:4] = slot.to_bytes(4, "big")
+            recommendation_id = uuid.UUID(bytes=bytes(raw), version=4)
+            start = self._cells
+            if start % self._pool + count > self._pool:  # items stay in one run
+                start += self._pool - start % self._pool
+            cells = slice(start % self._pool, start % self._pool + count)
+            self._items[cells] = item_ids
+            self._impressed[cells] = False
+            self._clicked[cells] = False
+            self._ids[slot] = divmod(recommendation_id.int, 2**64)
+            self._cohort[slot] = cohort_index
+            self._version[slot] = self._intern(model_version)
+            self._start[slot], self._count[slot] = start, count
+            self._added += 1
+            self._cells = start + count
+        return Recommendation(
+            str(recommendation_id), cohort, model_version, tuple(item_ids)
+        )
 
     def get(self, recommendation_id: str) -> Recommendation | None:
-        """Look a recommendation up and mark it recently used.
+        """Look a recommendation up.
 
         Args:
             recommendation_id: id from :meth:`add`.
 
         Returns:
-            The recommendation, or ``None`` if unknown or evicted.
+            The recommendation, or ``None`` if unknown or no longer kept.
         """
         with self._lock:
-            entry = self._entries.get(recommendation_id)
-            if entry is None:
+            slot = self._slot(recommendation_id)
+            if slot is None:
                 return None
-            self._entries.move_to_end(recommendation_id)
-        return entry.recommendation(recommendation_id)
+            return Recommendation(
+                recommendation_id,
+                COHORTS[self._cohort[slot]],
+                self._versions[self._version[slot]],
+                tuple(self._items[self._cells_of(slot)].tolist()),
+            )
 
     def record(
         self, recommendation_id: str, impressions: list[int], clicks: list[int]
@@ -152,15 +207,56 @@ class RecommendationLog:
             What was new and what was a duplicate.
 
         Raises:
-            KeyError: the recommendation is unknown or was evicted.
+            KeyError: the recommendation is unknown or no longer kept.
         """
         with self._lock:
-            entry = self._entries[recommendation_id]
-            self._entries.move_to_end(recommendation_id)
-            shown, clicked = entry.mask(set(impressions)), entry.mask(set(clicks))
-            new_impressions = (shown & ~entry.impressed).bit_count()
-            new_clicks = (clicked & ~entry.clicked).bit_count()
-            entry.impressed |= shown
-            entry.clicked |= clicked
+            slot = self._slot(recommendation_id)
+            if slot is None:
+                raise KeyError(recommendation_id)
+            cells = self._cells_of(slot)
+            position = {item: i for i, item in enumerate(self._items[cells].tolist())}
+            new_impressions = _mark(self._impressed[cells], position, impressions)
+            new_clicks = _mark(self._clicked[cells], position, clicks)
         duplicates = len(impressions) - new_impressions + len(clicks) - new_clicks
         return FeedbackOutcome(new_impressions, new_clicks, duplicates)
+
+    def _slot(self, recommendation_id: str) -> int | None:
+        """The slot still holding this id, or ``None``; call under the lock."""
+        try:
+            number = uuid.UUID(recommendation_id).int
+        except ValueError:
+            return None
+        slot = number >> 96
+        if slot >= min(self._added, self._capacity):
+            return None
+        if tuple(self._ids[slot].tolist()) != divmod(number, 2**64):
+            return None  # a newer recommendation took the slot
+        if self._start[slot] < self._cells - self._pool:
+            return None  # newer recommendations took its item cells
+        return slot
+
+    def _cells_of(self, slot: int) -> slice:
+        start = int(self._start[slot]) % self._pool
+        return slice(start, start + int(self._count[slot]))
+
+    def _intern(self, model_version: str) -> int:
+        index = self._version_index.get(model_version)
+        if index is None:
+            index = self._version_index[model_version] = len(self._versions)
+            self._versions.append(model_version)
+        return index
+
+
+def _mark(seen: np.ndarray, position: dict[int, int], items: list[int]) -> int:
+    """Sets ``seen`` at the positions of ``items`` that are in ``position``.
+
+    Returns:
+        How many positions were newly set.
+    """
+    new = 0
+    for item in items:
+        i = position.get(item)
+        if i is not None and not seen[i]:
+            seen[i] = True
+            new += 1
+    return new

@@ -431,13 +431,14 @@ def test_evicted_recommendation_feedback_is_404(predictor, mlflow_client):
     app = make_app(predictor, mlflow_client, recommendation_cache=2)
     with TestClient(app) as client:
         oldest, middle = recommend(client, user_id=1), recommend(client, user_id=2)
-        # Touching the oldest makes the middle one least recently used.
         feedback = {"recommendation_id": oldest["recommendation_id"]}
         assert client.post("/v1/feedback", json=feedback).status_code == 200
-        recommend(client, user_id=3)
-        stale = {"recommendation_id": middle["recommendation_id"]}
-        assert client.post("/v1/feedback", json=stale).status_code == 404
-        assert client.post("/v1/feedback", json=feedback).status_code == 200
+        recommend(client, user_id=3)  # takes the oldest one's slot
+        response = client.post("/v1/feedback", json=feedback)
+        assert response.status_code == 404
+        assert "last 2 recommendations" in response.json()["detail"]
+        kept = {"recommendation_id": middle["recommendation_id"]}
+        assert client.post("/v1/feedback", json=kept).status_code == 200
 
 
 def test_click_outside_recommendation_is_422_naming_it(client):
@@ -564,6 +565,8 @@ def test_settings_default_tracking_uri_is_local_sqlite(monkeypatch):
         ("port", 70000, "EMAREC_PORT"),
         ("max_k", 0, "EMAREC_MAX_K"),
         ("recommendation_cache", -1, "EMAREC_RECOMMENDATION_CACHE"),
+        ("recommendation_cache", 2**32, "EMAREC_RECOMMENDATION_CACHE"),
+        ("recommendation_cache_items", 99, "EMAREC_RECOMMENDATION_CACHE_ITEMS"),
         ("model_dir", "/nonexistent/bundle", "EMAREC_MODEL_DIR"),
         ("model_name", " ", "EMAREC_MODEL_NAME"),
         ("torch_threads", 0, "EMAREC_TORCH_THREADS"),

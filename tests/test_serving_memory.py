@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+import uuid
 
+import psutil
 import pytest
 
 from serving import memory
@@ -26,33 +28,76 @@ def test_feedback_is_counted_once_across_and_within_calls() -> None:
     assert stored.item_ids == tuple(range(100, 100 + K))
 
 
-def test_least_recently_used_go_first() -> None:
+def test_oldest_go_first_when_the_slots_run_out() -> None:
     log = RecommendationLog(2)
-    a, b = log.add("warm", "1", [1]), log.add("cold", "1", [2])
-    log.record(a.recommendation_id, [1], [])  # a is now the most recent
-    log.add("warm", "1", [3])
+    a, b = log.add("warm", "1", [1]), log.add("cold", "2", [2])
+    log.record(a.recommendation_id, [1], [])  # feedback does not keep it longer
+    c = log.add("warm", "1", [3])
 
-    assert log.get(b.recommendation_id) is None
-    assert log.get(a.recommendation_id) == a
+    assert log.get(a.recommendation_id) is None
+    assert log.get(b.recommendation_id) == b
+    assert log.get(c.recommendation_id) == c
     with pytest.raises(KeyError):
-        log.record(b.recommendation_id, [2], [])
+        log.record(a.recommendation_id, [1], [])
     assert len(log) == 2
 
 
-def test_an_entry_with_its_feedback_stays_small() -> None:
-    entries = 2000
-    log = RecommendationLog(entries)
+def test_oldest_go_first_when_the_item_cells_run_out() -> None:
+    log = RecommendationLog(100, items=20)
+    first, second = log.add("warm", "1", list(range(10))), log.add("warm", "1", [7])
+    # 10 cells do not fit behind the 11 taken of 20: the run starts over at cell 0,
+    # over the first recommendation's items, and the tail cells stay unused.
+    third = log.add("cold", "1", list(range(20, 30)))
+
+    assert log.get(first.recommendation_id) is None
+    assert log.get(second.recommendation_id) == second
+    assert log.get(third.recommendation_id) == third
+    assert len(log) == 2
+    with pytest.raises(ValueError, match="EMAREC_RECOMMENDATION_CACHE_ITEMS"):
+        log.add("warm", "1", list(range(21)))
+
+
+def test_ids_that_are_not_the_logs_are_unknown() -> None:
+    log = RecommendationLog(4)
+    stored = log.add("warm", "1", [5, 6])
+    forged = uuid.UUID(stored.recommendation_id).int ^ 1  # same slot, other bits
+
+    assert log.get(str(uuid.UUID(int=forged))) is None
+    assert log.get(str(uuid.uuid4())) is None  # a slot far outside the log
+    assert log.get("not-a-uuid") is None
+    assert uuid.UUID(stored.recommendation_id).version == 4
+
+
+def test_the_log_is_resident_from_the_start_and_does_not_grow() -> None:
+    entries = 20_000
     tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i in range(entries):
+    log = RecommendationLog(entries)
+    allocated = tracemalloc.get_traced_memory()[0]
+    for i in range(3 * entries):  # wraps around three times
         items = list(range(1000 + i, 1000 + i + K))
-        stored = log.add("warm", "12", items)
+        stored = log.add("warm", str(i // 5000), items)
         log.record(stored.recommendation_id, items, items[:1])
-    per_entry = (tracemalloc.get_traced_memory()[0] - before) / entries
+    grown = tracemalloc.get_traced_memory()[0] - allocated
     tracemalloc.stop()
 
-    # Two Python sets and a tuple of int objects took about 1,500 bytes.
-    assert per_entry < 600, per_entry
+    assert allocated >= log.nbytes >= entries * (29 + 10 * K)
+    assert grown < 10_000, grown  # the version names, nothing per entry
+    assert len(log) == entries
+
+
+def test_the_log_is_resident_when_made() -> None:
+    process = psutil.Process()
+    before = process.memory_info().rss
+    log = RecommendationLog(200_000)  # about 23 MB
+    made = process.memory_info().rss - before
+    for i in range(50_000):
+        stored = log.add("cold", "1", list(range(i, i + K)))
+        log.record(stored.recommendation_id, [i], [i])
+    filled = process.memory_info().rss - before
+
+    # np.zeros would map the pages on first write: RSS would follow the fill.
+    assert made > 0.9 * log.nbytes, (made, log.nbytes)
+    assert filled - made < 0.1 * log.nbytes, (filled, made, log.nbytes)
 
 
 def test_malloc_controls_work_on_glibc() -> None:
