@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
         4e-3, gt=0, lt=1, description="the student's Adam learning rate"
     )
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
-    negatives: int = Field(4, ge=0, le=50, description="sampled unseen items per event")
+    negatives: int = Field(9, ge=0, le=50, description="sampled unseen items per event")
     ema_decay: float = Field(
         0.995,
         ge=0.9,

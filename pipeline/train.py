@@ -286,15 +286,23 @@ class Trainer:
 
         Returns the first student's loss terms, for the training curves.
         """
-        batch = Batch.from_examples(self.cold_style(examples))
+        styled = self.cold_style(examples)
+        batch = Batch.from_examples(styled)
+        # The teachers read each row as they were trained on it, with its whole
+        # history: their targets carry what the cut history hides. Attention
+        # weights over another history are no target: cut rows drop that term.
+        view = Batch.from_examples(examples)
+        cut = torch.from_numpy(styled.history_len != examples.history_len)  # [B]
         targets = {}
         with torch.no_grad():
             with self.buffer.read() as snapshot:
-                targets["ema"] = snapshot.module(batch)
+                targets["ema"] = snapshot.module(view)
                 version = snapshot.version
             if any(s.variant.source == "online" for s in self.students.values()):
                 self.teacher.eval()
-                targets["online"] = self.teacher(batch)
+                targets["online"] = self.teacher(view)
+            for target in targets.values():
+                target.attention = target.attention.masked_fill(cut[:, None], 0.0)
         logged = None
         for student in self.students.values():
             student.network.train()
