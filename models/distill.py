@@ -4,8 +4,10 @@
   the same space as warm ones;
 - attention: KL divergence from the teacher's attention weights over the same
   history, for rows that have one;
-- click: binary cross-entropy to the teacher's probabilities, both the click
-  (like) head and the interaction head.
+- click: binary cross-entropy to the teacher's probabilities: the interaction
+  head on every row, the click (like) head on the rated rows only, as in the
+  label loss (a sampled item was never shown, so the teacher's click
+  probability for it is no target).
 """
 
 from __future__ import annotations
@@ -58,12 +60,7 @@ def distillation_loss(
         "label": label_loss(student, label, rated, count),
         "embedding": F.mse_loss(student.user_embedding, teacher.user_embedding),
         "attention": _attention_kl(student.attention, teacher.attention, count),
-        "click": F.binary_cross_entropy_with_logits(
-            student.logit, torch.sigmoid(teacher.logit)
-        )
-        + F.binary_cross_entropy_with_logits(
-            student.interact_logit, torch.sigmoid(teacher.interact_logit)
-        ),
+        "click": _click_cross_entropy(student, teacher, rated, count),
     }
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: value.item() for name, value in terms.items()}
@@ -76,6 +73,21 @@ def label_loss(
     click head on the rated items alone (a sampled item was never shown)."""
     interact = F.binary_cross_entropy_with_logits(out.interact_logit, rated)
     like = F.binary_cross_entropy_with_logits(out.logit, label, reduction="none")
+    return interact + (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
+
+
+def _click_cross_entropy(
+    student: Output, teacher: Output, rated: torch.Tensor, count: Count = _own
+):
+    """Cross-entropy to the teacher's probabilities: the interaction head on every
+    row, the click head on the rated rows alone, as in :func:`label_loss` (the
+    teacher's click probability of a sampled item, never shown, is no target)."""
+    interact = F.binary_cross_entropy_with_logits(
+        student.interact_logit, torch.sigmoid(teacher.interact_logit)
+    )
+    like = F.binary_cross_entropy_with_logits(
+        student.logit, torch.sigmoid(teacher.logit), reduction="none"
+    )
     return interact + (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
 
 

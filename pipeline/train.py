@@ -131,8 +131,12 @@ class Trainer:
         self.teacher = self._network(self.teacher_config)
         self.train_examples = prepared.select("warm", "train")
         shards = data_shard(self.train_examples.user_id, config.data_shards)
-        owned = owned_shards(self.placement.rank, self.placement.world_size, config.data_shards)
-        self.parts = {s: self.train_examples.take(np.flatnonzero(shards == s)) for s in owned}
+        owned = owned_shards(
+            self.placement.rank, self.placement.world_size, config.data_shards
+        )
+        self.parts = {
+            s: self.train_examples.take(np.flatnonzero(shards == s)) for s in owned
+        }
         if self.placement.sharded:
             # TorchRec's sharded tables add a buffer at their first forward:
             # make it before the EMA pairs the teacher's tensors by name. Past
@@ -168,7 +172,9 @@ class Trainer:
         if snapshot_dir is not None and self.placement.world_size > 1:
             snapshot_dir = Path(snapshot_dir) / f"rank-{self.placement.rank}"
         self.window = (
-            SnapshotWindow(snapshot_dir, keep=config.snapshot_window) if snapshot_dir else None
+            SnapshotWindow(snapshot_dir, keep=config.snapshot_window)
+            if snapshot_dir
+            else None
         )
         self.teacher_opt = self.placement.optimizer(
             self.teacher, config.lr, weight_decay=config.weight_decay
@@ -194,7 +200,9 @@ class Trainer:
 
     def _student(self, variant: StudentVariant) -> Student:
         if variant.source not in ("ema", "online"):
-            raise ValueError(f"student source must be ema or online, not {variant.source!r}")
+            raise ValueError(
+                f"student source must be ema or online, not {variant.source!r}"
+            )
         network = self._network(self.student_config)
         optimizer = self.placement.optimizer(network, self.config.student_lr)
         return Student(network, optimizer, variant)
@@ -211,7 +219,9 @@ class Trainer:
 
     def steps_per_epoch(self) -> int:
         """Steps for the largest data shard to go round once, on every rank."""
-        rows = max(len(part) for part in self.parts.values()) * (1 + self.config.negatives)
+        rows = max(len(part) for part in self.parts.values()) * (
+            1 + self.config.negatives
+        )
         return -(-self.placement.max_int(rows) // self.part_rows())
 
     def epoch_batches(self, epoch: int) -> Iterator[Examples]:
@@ -226,7 +236,11 @@ class Trainer:
         for shard, part in self.parts.items():
             rng = self._rng(0, epoch, shard)
             negatives = sample_negatives(
-                part, self.prepared.space.num_items, self.seen, self.config.negatives, rng
+                part,
+                self.prepared.space.num_items,
+                self.seen,
+                self.config.negatives,
+                rng,
             )
             rows = Examples.concat([part, negatives])
             order = np.resize(rng.permutation(len(rows)), steps * size)
@@ -271,13 +285,19 @@ class Trainer:
         shards = data_shard(examples.user_id, self.config.data_shards)
         for shard in np.unique(shards):
             mine = shards == shard
-            draws[mine] = self._rng(1, self.student_steps, int(shard)).random(mine.sum())
-        rows = np.flatnonzero((examples.history_len > ONBOARDING_EVENTS) & (draws < share))
+            draws[mine] = self._rng(1, self.student_steps, int(shard)).random(
+                mine.sum()
+            )
+        rows = np.flatnonzero(
+            (examples.history_len > ONBOARDING_EVENTS) & (draws < share)
+        )
         if len(rows) == 0:
             return examples
         examples = examples.take(np.arange(len(examples)))  # a copy
         examples.history[rows] = 0
-        examples.history[rows, :ONBOARDING_EVENTS] = self.first_items[examples.user_id[rows]]
+        examples.history[rows, :ONBOARDING_EVENTS] = self.first_items[
+            examples.user_id[rows]
+        ]
         examples.history_len[rows] = ONBOARDING_EVENTS
         return examples
 
@@ -286,15 +306,23 @@ class Trainer:
 
         Returns the first student's loss terms, for the training curves.
         """
-        batch = Batch.from_examples(self.cold_style(examples))
+        styled = self.cold_style(examples)
+        batch = Batch.from_examples(styled)
+        # The teachers read each row as they were trained on it, with its whole
+        # history: their targets carry what the cut history hides. Attention
+        # weights over another history are no target: cut rows drop that term.
+        view = Batch.from_examples(examples)
+        cut = torch.from_numpy(styled.history_len != examples.history_len)  # [B]
         targets = {}
         with torch.no_grad():
             with self.buffer.read() as snapshot:
-                targets["ema"] = snapshot.module(batch)
+                targets["ema"] = snapshot.module(view)
                 version = snapshot.version
             if any(s.variant.source == "online" for s in self.students.values()):
                 self.teacher.eval()
-                targets["online"] = self.teacher(batch)
+                targets["online"] = self.teacher(view)
+            for target in targets.values():
+                target.attention = target.attention.masked_fill(cut[:, None], 0.0)
         logged = None
         for student in self.students.values():
             student.network.train()
@@ -332,13 +360,18 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         every = self.config.checkpoint_every
         bar = tqdm(
-            total=total, initial=self.step, desc="train teacher", unit="step",
+            total=total,
+            initial=self.step,
+            desc="train teacher",
+            unit="step",
             disable=not self.placement.is_writer,
         )
         if self.step and self.step % per_epoch == 0 and self.step < total:
             # Resumed at the end of an epoch: validate as the first run did next.
             self.log_validation()
-        first_epoch = self.step // per_epoch if self.step < total else self.config.epochs
+        first_epoch = (
+            self.step // per_epoch if self.step < total else self.config.epochs
+        )
         with bar:
             for epoch in range(first_epoch, self.config.epochs):
                 skip = self.step - epoch * per_epoch
@@ -392,7 +425,9 @@ class Trainer:
             return
         steps = self.config.student_epochs * self.steps_per_epoch()
         bar = tqdm(
-            total=steps, desc="distill student", unit="step",
+            total=steps,
+            desc="distill student",
+            unit="step",
             disable=not self.placement.is_writer,
         )
         with bar:
@@ -473,7 +508,9 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         self.prepared.space.save(folder / "space.json")
         for name, network in whole.items():
-            config = self.student_config if name in self.students else self.teacher_config
+            config = (
+                self.student_config if name in self.students else self.teacher_config
+            )
             save_network(network, config, folder, name)
         extra = []
         if self.adaptive_ema is not None:
@@ -485,11 +522,11 @@ class Trainer:
         (folder / "students.json").write_text(json.dumps(list(self.students)))
         if not self.placement.sharded:
             torch.save(
-                self.ema.checkpoint(self.teacher, self.teacher_opt), folder / "checkpoint.pt"
+                self.ema.checkpoint(self.teacher, self.teacher_opt),
+                folder / "checkpoint.pt",
             )
         (folder / "curves.json").write_text(json.dumps(self.curves.points))
         self.buffer.close()
-
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -510,7 +547,8 @@ class Trainer:
             "ema": ema,
             "students": {n: s.network.state_dict() for n, s in self.students.items()},
             "student_optimizers": {
-                n: optimizer_state(s.network, s.optimizer) for n, s in self.students.items()
+                n: optimizer_state(s.network, s.optimizer)
+                for n, s in self.students.items()
             },
         }
 
@@ -563,15 +601,21 @@ class Trainer:
         load_optimizer(self.teacher, self.teacher_opt, state["teacher_optimizer"])
         for name, student in self.students.items():
             student.network.load_state_dict(state["students"][name])
-            load_optimizer(student.network, student.optimizer, state["student_optimizers"][name])
+            load_optimizer(
+                student.network, student.optimizer, state["student_optimizers"][name]
+            )
         with self.buffer.read() as snapshot:
             snapshot.module.load_state_dict(state["ema"])
             averaged = dict(named_state(snapshot.module))
         shadow = {n: averaged[n] for n in self.ema.synced_shadow()}
-        self.ema.load_state_dict({**meta["ema"], "shadow": shadow, "copied": self.ema.copied})
+        self.ema.load_state_dict(
+            {**meta["ema"], "shadow": shadow, "copied": self.ema.copied}
+        )
         self.buffer.publish(self.ema.synced_shadow(), self.ema.num_updates)
         self.guard.best = meta["guard_best"]
-        self.curves.points = {k: [tuple(p) for p in v] for k, v in meta["curves"].items()}
+        self.curves.points = {
+            k: [tuple(p) for p in v] for k, v in meta["curves"].items()
+        }
         self.step, self.student_steps = meta["step"], meta["student_steps"]
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -591,7 +635,9 @@ def first_items(examples: Examples, count: int) -> np.ndarray:
     """
     table = np.zeros((int(examples.user_id.max()) + 1, count), np.int64)
     early = np.flatnonzero((examples.history_len < count) & (examples.rated == 1))
-    table[examples.user_id[early], examples.history_len[early]] = examples.item_idx[early]
+    table[examples.user_id[early], examples.history_len[early]] = examples.item_idx[
+        early
+    ]
     return table
 
 
@@ -618,7 +664,9 @@ def run_train(
         from models.sharding import ShardedPlacement, init_process_group
 
         device = init_process_group()
-        placement = ShardedPlacement(config.train.sharding, config.train.table_lr, device)
+        placement = ShardedPlacement(
+            config.train.sharding, config.train.table_lr, device
+        )
     try:
         return _train(config, variants, adaptive_ema, resume, placement)
     finally:
@@ -630,11 +678,18 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
     folder = model_dir(config.work_dir)
     checkpoints = folder / "checkpoints"
-    with tracked_run(config) if placement.is_writer else contextlib.nullcontext() as run:
+    with (
+        tracked_run(config) if placement.is_writer else contextlib.nullcontext() as run
+    ):
         if placement.is_writer:
             _log_train_params(run, config)
         trainer = Trainer(
-            prepared, config.train, variants, adaptive_ema, folder / "snapshots", placement
+            prepared,
+            config.train,
+            variants,
+            adaptive_ema,
+            folder / "snapshots",
+            placement,
         )
         done = complete_checkpoints(checkpoints)
         if resume:
@@ -642,7 +697,9 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
         if resume and done:
             trainer.load_checkpoint(done[-1])
         elif resume:
-            logger.warning("no complete checkpoint in %s: training from the start", checkpoints)
+            logger.warning(
+                "no complete checkpoint in %s: training from the start", checkpoints
+            )
         summary = trainer.run(checkpoints)
         trainer.save(folder)
         if placement.is_writer:
@@ -719,7 +776,9 @@ def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """One rank of a sharded train step: ``torchrun ... -m pipeline.train``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.train")
-    parser.add_argument("--config", type=Path, required=True, help="a PipelineConfig file")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="a PipelineConfig file"
+    )
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     # force: importing TorchRec has already configured the root logger.

@@ -289,7 +289,7 @@ def hand_terms(
         .mean()
         .item(),
         "attention": kl.sum(-1).mean().item(),
-        "click": bce(p, q) + bce(pi, qi),
+        "click": bce(p, q, rated) + bce(pi, qi),
     }
 
 
