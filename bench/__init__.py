@@ -2,7 +2,8 @@
 
 Each module's ``run() -> dict`` returns flat, JSON-ready figures; the runner
 merges them into ``bench/results.json`` (keys of modules that did not run this
-time are kept) and writes a readable ``bench/results.md``.
+time are kept; a module that ran replaces its own ``<name>_...`` keys) and
+writes a readable ``bench/results.md``.
 """
 
 import os

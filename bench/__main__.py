@@ -64,7 +64,9 @@ def merge(figures: dict, names: list[str], path: Path = RESULTS) -> dict:
 
     Args:
         figures: this run's figures.
-        names: the modules that ran; their stale ``<name>_error`` keys go.
+        names: the modules that ran; their stale ``<name>_error`` keys go,
+            and so do the ``<name>_...`` keys of a module that succeeded but
+            no longer reports them (a figure renamed or dropped).
         path: the results file, one flat JSON object.
 
     Returns:
@@ -73,6 +75,12 @@ def merge(figures: dict, names: list[str], path: Path = RESULTS) -> dict:
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in names:
         results.pop(f"{name}_error", None)
+        if f"{name}_error" not in figures:
+            stale = [
+                k for k in results if k.startswith(f"{name}_") and k not in figures
+            ]
+            for key in stale:
+                results.pop(key)
     results.update(figures)
     path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     return results
