@@ -34,6 +34,7 @@ from pipeline.train import MAIN_STUDENT, StudentVariant, model_dir, run_train  #
 logger = logging.getLogger(__name__)
 
 REPORT_EXPERIMENT = "emarec-report"
+DISTILL_TERMS = ("embedding", "attention", "click")
 ROWS = {
     "popularity": "popularity",
     "online_teacher": "online teacher",
@@ -43,8 +44,11 @@ ROWS = {
     MAIN_STUDENT: "student distilled from EMA teacher",
     "student_online_teacher": "student distilled from online teacher",
     "student_no_embedding": "distilled, without embedding term",
+    "student_with_embedding": "distilled, with embedding term (weight 1)",
     "student_no_attention": "distilled, without attention term",
+    "student_with_attention": "distilled, with attention term (weight 1)",
     "student_no_click": "distilled, without click term",
+    "student_with_click": "distilled, with click term (weight 1)",
     "student_int8": "INT8 student",
 }
 COLUMNS = (
@@ -53,17 +57,29 @@ COLUMNS = (
 
 
 def variants(weights: DistillWeights) -> dict[str, StudentVariant]:
-    """The student variants of the report, from the configured weights."""
-    return {
+    """The student variants of the report, from the configured weights.
+
+    Each distillation term is toggled once: a term the configuration uses is
+    removed (``student_no_<term>``), one it leaves at 0 is added at weight 1
+    (``student_with_<term>``), so that no row repeats the main student.
+    """
+    table = {
         MAIN_STUDENT: StudentVariant(weights),
         "student_no_distill": StudentVariant(
             replace(weights, embedding=0.0, attention=0.0, click=0.0)
         ),
         "student_online_teacher": StudentVariant(weights, source="online"),
-        "student_no_embedding": StudentVariant(replace(weights, embedding=0.0)),
-        "student_no_attention": StudentVariant(replace(weights, attention=0.0)),
-        "student_no_click": StudentVariant(replace(weights, click=0.0)),
     }
+    for term in DISTILL_TERMS:
+        if getattr(weights, term) > 0:
+            table[f"student_no_{term}"] = StudentVariant(
+                replace(weights, **{term: 0.0})
+            )
+        else:
+            table[f"student_with_{term}"] = StudentVariant(
+                replace(weights, **{term: 1.0})
+            )
+    return table
 
 
 def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
@@ -108,6 +124,8 @@ def report_table(stats: pd.DataFrame, seeds: int) -> str:
     header = "| model | " + " | ".join(f"{c} {m}" for c, m in COLUMNS) + " |"
     lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
     for key, label in ROWS.items():
+        if not any(f"{key}/{c}/{m}" in stats.index for c, m in COLUMNS):
+            continue  # a variant this configuration does not train
         cells = []
         for cohort, metric in COLUMNS:
             name = f"{key}/{cohort}/{metric}"
@@ -129,10 +147,12 @@ def findings(stats: pd.DataFrame) -> dict[str, float]:
     labels_only = mean["student_no_distill/cold/recall_at_10"]
     return {
         "distillation_cold_recall_lift": distilled / labels_only - 1.0,
-        "int8_cold_auc_delta": mean["student_int8/cold/auc"] - mean[f"{MAIN_STUDENT}/cold/auc"],
+        "int8_cold_auc_delta": mean["student_int8/cold/auc"]
+        - mean[f"{MAIN_STUDENT}/cold/auc"],
         "int8_cold_recall_delta": mean["student_int8/cold/recall_at_10"] - distilled,
         "int8_embedding_size_ratio": mean["int8/embedding_size_ratio"],
-        "ema_vs_online_warm_auc": mean["ema_teacher/warm/auc"] - mean["online_teacher/warm/auc"],
+        "ema_vs_online_warm_auc": mean["ema_teacher/warm/auc"]
+        - mean["online_teacher/warm/auc"],
         "adaptive_vs_fixed_warm_auc": mean["ema_teacher_adaptive/warm/auc"]
         - mean["ema_teacher/warm/auc"],
     }

@@ -17,6 +17,7 @@ from pipeline.report import (
     targets_section,
     variants,
 )
+from pipeline.train import MAIN_STUDENT
 
 
 def test_variants_switch_off_what_their_names_say():
@@ -24,13 +25,33 @@ def test_variants_switch_off_what_their_names_say():
     table = variants(weights)
     assert table["student"].weights == weights and table["student"].source == "ema"
     labels_only = table["student_no_distill"].weights
-    assert (labels_only.embedding, labels_only.attention, labels_only.click) == (0, 0, 0)
+    assert (labels_only.embedding, labels_only.attention, labels_only.click) == (
+        0,
+        0,
+        0,
+    )
     assert labels_only.label == 1.0
     assert table["student_online_teacher"].source == "online"
     assert table["student_no_embedding"].weights.embedding == 0
     assert table["student_no_embedding"].weights.attention == 3.0
     assert table["student_no_attention"].weights.attention == 0
     assert table["student_no_click"].weights.click == 0
+    assert not any(name.startswith("student_with_") for name in table)
+
+
+def test_a_term_left_at_zero_is_added_instead_of_removed():
+    weights = DistillWeights(label=1.0, embedding=0.0, attention=3.0, click=4.0)
+    table = variants(weights)
+    assert "student_no_embedding" not in table
+    assert table["student_with_embedding"].weights == DistillWeights(
+        label=1.0, embedding=1.0, attention=3.0, click=4.0
+    )
+    repeats = [
+        name
+        for name, variant in table.items()
+        if variant == table[MAIN_STUDENT] and name != MAIN_STUDENT
+    ]
+    assert repeats == []
 
 
 def test_aggregate_gives_mean_and_sample_std():
@@ -49,9 +70,25 @@ def test_report_over_two_seeds_lands_in_mlflow(mlflow_server, ml100k_dir, tmp_pa
     )
     result = run_report(config, seeds=2)
 
-    for label in ROWS.values():
-        assert f"| {label} |" in result["table"], label
-    lines = [l for l in result["table"].splitlines() if l.startswith("| student distilled")]
+    train = config.train
+    trained = variants(
+        DistillWeights(
+            train.distill_label,
+            train.distill_embedding,
+            train.distill_attention,
+            train.distill_click,
+        )
+    )
+    for key, label in ROWS.items():
+        expected = (
+            key in trained or not key.startswith("student_") or key.endswith("int8")
+        )
+        assert (f"| {label} |" in result["table"]) == expected, label
+    # The embedding term is off by default: its row adds it, none removes it.
+    assert "student_with_embedding" in trained
+    lines = [
+        l for l in result["table"].splitlines() if l.startswith("| student distilled")
+    ]
     assert "±" in lines[0]
     findings = result["findings"]
     assert findings["int8_embedding_size_ratio"] >= 3.5
