@@ -403,7 +403,7 @@ def feedback(body: FeedbackRequest, request: Request, state: State) -> FeedbackR
             raise _unknown_recommendation(recommendation_id, state)
         stamp_model_version(request, stored.model_version)
         shown = stored.item_ids if body.impressions is None else body.impressions
-        _check_feedback(stored.item_ids, shown, body.clicks)
+        _check_feedback(stored.item_ids, shown, body.clicks, stored.impressed)
         try:
             outcome = state.recommendations.record(
                 recommendation_id, list(shown), body.clicks
@@ -437,19 +437,24 @@ def _unknown_recommendation(
 
 
 def _check_feedback(
-    recommended: tuple[int, ...], shown: tuple[int, ...] | list[int], clicks: list[int]
+    recommended: tuple[int, ...],
+    shown: tuple[int, ...] | list[int],
+    clicks: list[int],
+    shown_before: frozenset[int] = frozenset(),
 ) -> None:
-    """Feedback may only name recommended items, and clicks must be shown."""
+    """Feedback may only name recommended items, and clicks must be shown, in
+    this feedback or in an earlier one (a late click comes alone, with
+    ``"impressions": []``)."""
     errors: list[_Error] = []
     not_recommended = sorted(set(shown) - set(recommended))
     if not_recommended:
         msg = f"impressions {not_recommended} were not in this recommendation"
         errors.append((("impressions",), msg, not_recommended))
-    not_shown = sorted(set(clicks) - set(shown))
+    not_shown = sorted(set(clicks) - set(shown) - shown_before)
     if not_shown:
         label = "not in this recommendation"
         if set(not_shown) <= set(recommended):
-            label = "not among the impressions"
+            label = "not among the impressions, of this feedback or an earlier one"
         msg = f"clicks {not_shown} were {label}"
         errors.append((("clicks",), msg, not_shown))
     if errors:

@@ -15,11 +15,19 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.recommendations import MAX_CAPACITY
+from serving.recommendations import MAX_CAPACITY, log_bytes
 
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Shorter tokens are guessable; 16 characters of a random token are plenty.
 MIN_ADMIN_TOKEN_CHARS = 16
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory, where the platform says (Linux, macOS)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _default_tracking_uri() -> str:
@@ -37,7 +45,8 @@ class ServingSettings(BaseSettings):
             the latest ones, at most this many ...
         recommendation_cache_items: ... and holding at most this many items
             together (at least ``max_k``). Both are allocated at start-up,
-            about 29 bytes a recommendation and 10 an item.
+            about 33 bytes a recommendation and 10 an item; at most a quarter
+            of the machine's memory together.
         poll_interval_s: seconds between checks of the registry alias; a new
             version under it is loaded in the background and swapped in.
         model_cache: loaded versions kept in memory (the serving one
@@ -171,6 +180,14 @@ class ServingSettings(BaseSettings):
             raise ValueError(
                 f"recommendation_cache must be <= {MAX_CAPACITY}, got "
                 f"{self.recommendation_cache}; lower EMAREC_RECOMMENDATION_CACHE"
+            )
+        needed = log_bytes(self.recommendation_cache, self.recommendation_cache_items)
+        memory = _physical_memory()
+        if memory and needed > memory // 4:
+            raise ValueError(
+                f"the recommendation log would take {needed / 2**30:.1f} GiB, more "
+                f"than a quarter of this machine's {memory / 2**30:.1f} GiB; lower "
+                "EMAREC_RECOMMENDATION_CACHE or EMAREC_RECOMMENDATION_CACHE_ITEMS"
             )
         if self.recommendation_cache_items < self.max_k:
             raise ValueError(

@@ -2,13 +2,14 @@
 
 The log is two rings allocated (and written once, so resident) when the
 server starts: one slot per recommendation, and a pool of item cells that a
-recommendation's items take in a row. Its memory is fixed from the first
-request on; filling it does not make the process grow. A recommendation
-leaves the log when its slot or any of its item cells is taken by a newer
-one, so the log holds the last ``capacity`` recommendations or the last
-``items`` recommended items, whichever is fewer; feedback then gets a 404
-saying so. With k = 10 and the defaults (100,000 and 1,000,000) that is
-100,000 recommendations in about 13 MB.
+recommendation's items take in turn, wrapping from the last cell to the
+first. Its memory is fixed from the first request on; filling it does not
+make the process grow. A recommendation leaves the log when its slot or any
+of its item cells is taken by a newer one, so the log holds the last
+``capacity`` recommendations or the last ``items`` recommended items,
+whichever is fewer; feedback then gets a 404 saying so. With k = 10 and the
+defaults (100,000 and 1,000,000) that is 100,000 recommendations in about
+13 MB.
 
 A recommendation id is a random version-4 UUID whose first 32 bits are the
 slot: looking one up is an index and a comparison of all 128 bits, with no
@@ -20,7 +21,7 @@ from __future__ import annotations
 import secrets
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,12 +38,14 @@ class Recommendation:
         cohort: ``warm`` or ``cold``.
         model_version: version of the model that produced it.
         item_ids: recommended items, best first.
+        impressed: items already recorded as shown, when it was looked up.
     """
 
     recommendation_id: str
     cohort: str
     model_version: str
     item_ids: tuple[int, ...]
+    impressed: frozenset[int] = field(default=frozenset(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,15 @@ class FeedbackOutcome:
     new_impressions: int
     new_clicks: int
     duplicates: int
+
+
+SLOT_BYTES = 16 + 1 + 4 + 8 + 4  # id, cohort, version, first cell, count
+CELL_BYTES = 8 + 1 + 1  # item, shown, clicked
+
+
+def log_bytes(capacity: int, items: int) -> int:
+    """Bytes a :class:`RecommendationLog` of this size allocates."""
+    return capacity * SLOT_BYTES + items * CELL_BYTES
 
 
 def _filled(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
@@ -143,27 +155,27 @@ class RecommendationLog:
         Raises:
             ValueError: more items than the log holds, or an unknown cohort.
         """
+        item_ids = [int(item) for item in item_ids]
         count = len(item_ids)
         if count > self._pool:
             raise ValueError(
                 f"a recommendation of {count} items does not fit a log of "
                 f"{self._pool} items; raise EMAREC_RECOMMENDATION_CACHE_ITEMS"
             )
-        cohort_index = COHORTS.index(cohort)
+        if cohort not in COHORTS:
+            raise ValueError(f"cohort must be one of {COHORTS}, got {cohort!r}")
         with self._lock:
             slot = self._added % self._capacity
             raw = bytearray(secrets.token_bytes(16))
             raw[:4] = slot.to_bytes(4, "big")
             recommendation_id = uuid.UUID(bytes=bytes(raw), version=4)
             start = self._cells
-            if start % self._pool + count > self._pool:  # items stay in one run
-                start += self._pool - start % self._pool
-            cells = slice(start % self._pool, start % self._pool + count)
+            cells = self._cells_at(start, count)
             self._items[cells] = item_ids
             self._impressed[cells] = False
             self._clicked[cells] = False
             self._ids[slot] = divmod(recommendation_id.int, 2**64)
-            self._cohort[slot] = cohort_index
+            self._cohort[slot] = COHORTS.index(cohort)
             self._version[slot] = self._intern(model_version)
             self._start[slot], self._count[slot] = start, count
             self._added += 1
@@ -185,11 +197,17 @@ class RecommendationLog:
             slot = self._slot(recommendation_id)
             if slot is None:
                 return None
+            cells = self._cells_of(slot)
+            items = self._items[cells].tolist()
+            shown = self._impressed[cells].tolist()
             return Recommendation(
                 recommendation_id,
                 COHORTS[self._cohort[slot]],
                 self._versions[self._version[slot]],
-                tuple(self._items[self._cells_of(slot)].tolist()),
+                tuple(items),
+                frozenset(
+                    item for item, seen in zip(items, shown, strict=True) if seen
+                ),
             )
 
     def record(
@@ -201,7 +219,7 @@ class RecommendationLog:
             recommendation_id: id from :meth:`add`.
             impressions: items shown.
             clicks: items clicked. Items not in the recommendation are
-                ignored; the caller refuses them first.
+                ignored (the caller refuses them first) and not counted.
 
         Returns:
             What was new and what was a duplicate.
@@ -215,16 +233,18 @@ class RecommendationLog:
                 raise KeyError(recommendation_id)
             cells = self._cells_of(slot)
             position = {item: i for i, item in enumerate(self._items[cells].tolist())}
-            new_impressions = _mark(self._impressed[cells], position, impressions)
-            new_clicks = _mark(self._clicked[cells], position, clicks)
-        duplicates = len(impressions) - new_impressions + len(clicks) - new_clicks
-        return FeedbackOutcome(new_impressions, new_clicks, duplicates)
+            impressed = _mark(self._impressed, cells, position, impressions)
+            clicked = _mark(self._clicked, cells, position, clicks)
+        known = sum(i in position for i in impressions) + sum(
+            c in position for c in clicks
+        )
+        return FeedbackOutcome(impressed, clicked, known - impressed - clicked)
 
     def _slot(self, recommendation_id: str) -> int | None:
         """The slot still holding this id, or ``None``; call under the lock."""
         try:
             number = uuid.UUID(recommendation_id).int
-        except ValueError:
+        except (ValueError, TypeError, AttributeError):
             return None
         slot = number >> 96
         if slot >= min(self._added, self._capacity):
@@ -235,9 +255,12 @@ class RecommendationLog:
             return None  # newer recommendations took its item cells
         return slot
 
-    def _cells_of(self, slot: int) -> slice:
-        start = int(self._start[slot]) % self._pool
-        return slice(start, start + int(self._count[slot]))
+    def _cells_of(self, slot: int) -> np.ndarray:
+        return self._cells_at(int(self._start[slot]), int(self._count[slot]))
+
+    def _cells_at(self, start: int, count: int) -> np.ndarray:
+        """``[count]`` pool indices of the cells from absolute cell ``start``."""
+        return (start + np.arange(count)) % self._pool
 
     def _intern(self, model_version: str) -> int:
         index = self._version_index.get(model_version)
@@ -247,16 +270,18 @@ class RecommendationLog:
         return index
 
 
-def _mark(seen: np.ndarray, position: dict[int, int], items: list[int]) -> int:
-    """Sets ``seen`` at the positions of ``items`` that are in ``position``.
+def _mark(
+    seen: np.ndarray, cells: np.ndarray, position: dict[int, int], items: list[int]
+) -> int:
+    """Sets ``seen`` at the cells of ``items`` that ``position`` knows.
 
     Returns:
-        How many positions were newly set.
+        How many cells were newly set.
     """
     new = 0
     for item in items:
         i = position.get(item)
-        if i is not None and not seen[i]:
-            seen[i] = True
+        if i is not None and not seen[cells[i]]:
+            seen[cells[i]] = True
             new += 1
     return new

@@ -142,11 +142,13 @@ class FeedbackRequest(_Body):
     recommendation_id: UUID
     impressions: list[Id] | None = Field(
         None,
-        min_length=1,
-        description="Items shown; null means every recommended item was shown.",
+        description="Items shown; null means every recommended item was shown, "
+        "[] that this feedback reports clicks alone.",
     )
     clicks: list[Id] = Field(
-        default_factory=list, description="Items clicked; each must be shown."
+        default_factory=list,
+        description="Items clicked; each must be shown, in this feedback or an "
+        "earlier one.",
     )
 
 

@@ -481,11 +481,30 @@ def test_click_not_among_impressions_is_422(client):
     assert "not among the impressions" in error_text(response)
 
 
+def test_a_late_click_on_an_earlier_impression_is_recorded_alone(client):
+    rec = recommend(client, user_id=3, k=5)
+    ids = [i["item_id"] for i in rec["items"]]
+    rid = rec["recommendation_id"]
+    shown = client.post(
+        "/v1/feedback", json={"recommendation_id": rid, "impressions": ids[:1]}
+    )
+    late = {"recommendation_id": rid, "impressions": [], "clicks": ids[:1]}
+    response = client.post("/v1/feedback", json=late)
+
+    assert shown.json()["recorded_impressions"] == 1
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "recorded_impressions": 0,
+        "recorded_clicks": 1,
+        "duplicates": 0,
+    }
+    assert snapshot(client).impressions["warm"] == 1  # the other 4 were never shown
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {"recommendation_id": "not-a-uuid"},
-        {"recommendation_id": str(uuid.uuid4()), "impressions": []},
         {"recommendation_id": str(uuid.uuid4()), "clicks": [-1]},
         {"recommendation_id": str(uuid.uuid4()), "clicks": "all"},
         {"clicks": [1]},
@@ -567,6 +586,7 @@ def test_settings_default_tracking_uri_is_local_sqlite(monkeypatch):
         ("recommendation_cache", -1, "EMAREC_RECOMMENDATION_CACHE"),
         ("recommendation_cache", 2**32, "EMAREC_RECOMMENDATION_CACHE"),
         ("recommendation_cache_items", 99, "EMAREC_RECOMMENDATION_CACHE_ITEMS"),
+        ("recommendation_cache_items", 10**13, "EMAREC_RECOMMENDATION_CACHE_ITEMS"),
         ("model_dir", "/nonexistent/bundle", "EMAREC_MODEL_DIR"),
         ("model_name", " ", "EMAREC_MODEL_NAME"),
         ("torch_threads", 0, "EMAREC_TORCH_THREADS"),
@@ -1001,7 +1021,9 @@ def test_unusable_content_length_is_refused_before_reading(length, status):
 
 
 def test_python_m_serving_without_a_loadable_model_exits_with_message(tmp_path):
-    result = run_python_m_serving({"EMAREC_MODEL_DIR": str(tmp_path), "EMAREC_PORT": "1"})
+    result = run_python_m_serving(
+        {"EMAREC_MODEL_DIR": str(tmp_path), "EMAREC_PORT": "1"}
+    )
     assert result.returncode != 0
     assert "no loadable model to serve" in result.stderr
     assert "bundle.json" in result.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serving import memory
-from serving.recommendations import RecommendationLog
+from serving.recommendations import RecommendationLog, log_bytes
 
 K = 10
 
@@ -47,16 +47,45 @@ def test_oldest_go_first_when_the_slots_run_out() -> None:
 def test_oldest_go_first_when_the_item_cells_run_out() -> None:
     log = RecommendationLog(100, items=20)
     first, second = log.add("warm", "1", list(range(10))), log.add("warm", "1", [7])
-    # 10 cells do not fit behind the 11 taken of 20: the run starts over at cell 0,
-    # over the first recommendation's items, and the tail cells stay unused.
+    # Cells 11..19, then 0: the run wraps over the first recommendation's items.
     third = log.add("cold", "1", list(range(20, 30)))
+    log.record(third.recommendation_id, [20, 29], [29])
 
     assert log.get(first.recommendation_id) is None
     assert log.get(second.recommendation_id) == second
-    assert log.get(third.recommendation_id) == third
+    assert log.get(third.recommendation_id).item_ids == third.item_ids
+    assert log.get(third.recommendation_id).impressed == {20, 29}
     assert len(log) == 2
     with pytest.raises(ValueError, match="EMAREC_RECOMMENDATION_CACHE_ITEMS"):
         log.add("warm", "1", list(range(21)))
+
+
+def test_the_log_keeps_every_recommendation_its_items_fit() -> None:
+    """No cells are skipped: the latest recommendations holding up to
+    ``items`` items together are all kept, whatever their sizes."""
+    log = RecommendationLog(3, items=120)
+    log.add("warm", "1", list(range(10)))
+    middle = log.add("warm", "1", list(range(100, 200)))
+    newest = log.add("warm", "1", list(range(200, 220)))
+
+    assert log.get(middle.recommendation_id) == middle  # 100 + 20 = 120 items
+    assert log.get(newest.recommendation_id) == newest
+
+
+def test_feedback_counts_ignore_items_not_recommended() -> None:
+    log = RecommendationLog(4)
+    stored = log.add("warm", "1", [5, 6])
+
+    outcome = log.record(stored.recommendation_id, [99, 5, 5], [98])
+
+    assert (outcome.new_impressions, outcome.new_clicks, outcome.duplicates) == (
+        1,
+        0,
+        1,
+    )
+    with pytest.raises(ValueError, match="cohort"):
+        log.add("lukewarm", "1", [1])
+    assert log.get(None) is None and log.get(12) is None
 
 
 def test_ids_that_are_not_the_logs_are_unknown() -> None:
@@ -82,7 +111,7 @@ def test_the_log_is_resident_from_the_start_and_does_not_grow() -> None:
     grown = tracemalloc.get_traced_memory()[0] - allocated
     tracemalloc.stop()
 
-    assert allocated >= log.nbytes >= entries * (29 + 10 * K)
+    assert allocated >= log.nbytes == log_bytes(entries, 10 * entries)
     assert grown < 10_000, grown  # the version names, nothing per entry
     assert len(log) == entries
 
