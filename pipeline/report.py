@@ -29,7 +29,13 @@ from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.evaluate import run_evaluate  # noqa: E402
 from pipeline.ingest import ingest_dir, run_ingest  # noqa: E402
 from pipeline.quantize import run_quantize  # noqa: E402
-from pipeline.train import MAIN_STUDENT, StudentVariant, model_dir, run_train  # noqa: E402
+from pipeline.train import (
+    MAIN_STUDENT,
+    StudentVariant,
+    distill_weights,
+    model_dir,
+    run_train,
+)  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +103,7 @@ def run_seed(config: PipelineConfig, seed: int) -> dict:
     """Trains, quantizes and evaluates every variant for one seed."""
     seeded = seed_config(config, seed)
     shutil.copytree(ingest_dir(config.work_dir), ingest_dir(seeded.work_dir))
-    train = seeded.train
-    weights = DistillWeights(
-        train.distill_label,
-        train.distill_embedding,
-        train.distill_attention,
-        train.distill_click,
-    )
-    run_train(seeded, variants(weights), adaptive_ema=True)
+    run_train(seeded, variants(distill_weights(seeded.train)), adaptive_ema=True)
     quantize = run_quantize(seeded)
     metrics = run_evaluate(seeded)
     metrics["int8/embedding_size_ratio"] = quantize["float_embedding_bytes"] / max(

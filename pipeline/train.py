@@ -179,13 +179,7 @@ class Trainer:
         self.teacher_opt = self.placement.optimizer(
             self.teacher, config.lr, weight_decay=config.weight_decay
         )
-        weights = DistillWeights(
-            config.distill_label,
-            config.distill_embedding,
-            config.distill_attention,
-            config.distill_click,
-        )
-        variants = variants or {MAIN_STUDENT: StudentVariant(weights)}
+        variants = variants or {MAIN_STUDENT: StudentVariant(distill_weights(config))}
         self.students = {name: self._student(v) for name, v in variants.items()}
         self.valid = Batch.from_examples(prepared.select("warm", "valid"))
         self.seen = prepared.seen_in_train()
@@ -625,6 +619,16 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not Path(folder).is_dir():
         return []
     return sorted(p.parent for p in Path(folder).glob("step-*/meta.json"))
+
+
+def distill_weights(config: TrainConfig) -> DistillWeights:
+    """The student's loss weights, as configured."""
+    return DistillWeights(
+        config.distill_label,
+        config.distill_embedding,
+        config.distill_attention,
+        config.distill_click,
+    )
 
 
 def first_items(examples: Examples, count: int) -> np.ndarray:

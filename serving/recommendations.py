@@ -164,9 +164,9 @@ class RecommendationLog:
             )
         if cohort not in COHORTS:
             raise ValueError(f"cohort must be one of {COHORTS}, got {cohort!r}")
+        raw = bytearray(secrets.token_bytes(16))
         with self._lock:
             slot = self._added % self._capacity
-            raw = bytearray(secrets.token_bytes(16))
             raw[:4] = slot.to_bytes(4, "big")
             recommendation_id = uuid.UUID(bytes=bytes(raw), version=4)
             start = self._cells

@@ -17,7 +17,7 @@ from pipeline.report import (
     targets_section,
     variants,
 )
-from pipeline.train import MAIN_STUDENT
+from pipeline.train import MAIN_STUDENT, distill_weights
 
 
 def test_variants_switch_off_what_their_names_say():
@@ -70,15 +70,7 @@ def test_report_over_two_seeds_lands_in_mlflow(mlflow_server, ml100k_dir, tmp_pa
     )
     result = run_report(config, seeds=2)
 
-    train = config.train
-    trained = variants(
-        DistillWeights(
-            train.distill_label,
-            train.distill_embedding,
-            train.distill_attention,
-            train.distill_click,
-        )
-    )
+    trained = variants(distill_weights(config.train))
     for key, label in ROWS.items():
         expected = (
             key in trained or not key.startswith("student_") or key.endswith("int8")
