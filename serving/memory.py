@@ -28,6 +28,10 @@ collector's sight (``gc.freeze``), which makes a full collection cheap, and
 
 Elsewhere (musl, macOS) the malloc calls are no-ops that say so once in the
 log.
+
+Buffers that fill while serving (the recommendation log, the latency
+reservoirs) are made with :func:`resident_zeros`, so filling them does not
+grow the process either.
 """
 
 from __future__ import annotations
@@ -39,10 +43,21 @@ import logging
 import threading
 from functools import cache
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 M_ARENA_MAX = -8
+
+
+def resident_zeros(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zeroed array whose pages are in memory now: ``np.zeros`` of a large
+    array maps pages on first write, so a buffer filled while serving would
+    make the process grow as it fills."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
 
 
 @cache

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.memory import resident_zeros
+
 COHORTS = ("warm", "cold")
 MAX_CAPACITY = 2**32 - 1  # the slot is the id's first 32 bits
 
@@ -73,14 +75,6 @@ def log_bytes(capacity: int, items: int) -> int:
     return capacity * SLOT_BYTES + items * CELL_BYTES
 
 
-def _filled(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
-    """A zeroed array whose pages are already resident (``np.zeros`` maps
-    them on first write, so memory would grow as the log fills)."""
-    array = np.empty(shape, dtype=dtype)
-    array.fill(0)
-    return array
-
-
 class RecommendationLog:
     """A thread-safe, fixed-size log of the latest recommendations."""
 
@@ -101,14 +95,16 @@ class RecommendationLog:
         if items < 1:
             raise ValueError(f"items must be >= 1, got {items}")
         self._capacity, self._pool = capacity, items
-        self._ids = _filled((capacity, 2), np.uint64)  # [C, 2] the id's 128 bits
-        self._cohort = _filled(capacity, np.uint8)  # [C] index into COHORTS
-        self._version = _filled(capacity, np.uint32)  # [C] index into _versions
-        self._start = _filled(capacity, np.int64)  # [C] first item cell, absolute
-        self._count = _filled(capacity, np.int32)  # [C]
-        self._items = _filled(items, np.int64)  # [I]
-        self._impressed = _filled(items, np.bool_)  # [I]
-        self._clicked = _filled(items, np.bool_)  # [I]
+        self._ids = resident_zeros((capacity, 2), np.uint64)  # [C, 2] the id's 128 bits
+        self._cohort = resident_zeros(capacity, np.uint8)  # [C] index into COHORTS
+        self._version = resident_zeros(capacity, np.uint32)  # [C] index into _versions
+        self._start = resident_zeros(
+            capacity, np.int64
+        )  # [C] first item cell, absolute
+        self._count = resident_zeros(capacity, np.int32)  # [C]
+        self._items = resident_zeros(items, np.int64)  # [I]
+        self._impressed = resident_zeros(items, np.bool_)  # [I]
+        self._clicked = resident_zeros(items, np.bool_)  # [I]
         self._versions: list[str] = []
         self._version_index: dict[str, int] = {}
         self._added = 0  # recommendations ever added
