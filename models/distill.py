@@ -7,7 +7,11 @@
 - click: binary cross-entropy to the teacher's probabilities: the interaction
   head on every row, the click (like) head on the rated rows only, as in the
   label loss (a sampled item was never shown, so the teacher's click
-  probability for it is no target).
+  probability for it is no target);
+- ranking: KL divergence from the teacher's distribution over a sampled set of
+  catalogue items (a softmax of its ranking scores) to the student's, for a
+  sample of rows: which items the teacher would put first, not only how it
+  scores the one item of each row.
 """
 
 from __future__ import annotations
@@ -37,6 +41,15 @@ class DistillWeights:
     embedding: float = 1.0
     attention: float = 1.0
     click: float = 1.0
+    ranking: float = 0.0  # needs candidates to score: see ``Ranked``
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Student and teacher outputs over the same candidates, ``[S, N]`` logits."""
+
+    student: Output
+    teacher: Output
 
 
 def distillation_loss(
@@ -46,6 +59,7 @@ def distillation_loss(
     rated: torch.Tensor,
     weights: DistillWeights = DistillWeights(),
     count: Count = _own,
+    ranked: Ranked | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the weighted total and each term's value.
 
@@ -55,6 +69,8 @@ def distillation_loss(
         label: ``[B]`` clicks.
         rated: ``[B]`` 1 for logged interactions, 0 for sampled items.
         count: the divisor of the masked means (see ``Count``).
+        ranked: both over sampled candidates, for the ranking term; without
+            it the term is left out.
     """
     terms = {
         "label": label_loss(student, label, rated, count),
@@ -62,6 +78,8 @@ def distillation_loss(
         "attention": _attention_kl(student.attention, teacher.attention, count),
         "click": _click_cross_entropy(student, teacher, rated, count),
     }
+    if ranked is not None:
+        terms["ranking"] = ranking_kl(ranked.student, ranked.teacher, count)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: value.item() for name, value in terms.items()}
 
@@ -100,4 +118,14 @@ def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, count: Count = _
     t, s = teacher[has_history], student[has_history]
     eps = 1e-8
     kl = (t * ((t + eps).log() - (s + eps).log())).sum(-1)
+    return kl.sum() / rows.clamp(min=1.0)
+
+
+def ranking_kl(student: Output, teacher: Output, count: Count = _own) -> torch.Tensor:
+    """Mean KL(teacher || student) of the softmax of the ranking scores over each
+    row's candidates; ``[S, N]`` logits in both outputs."""
+    target = torch.log_softmax(teacher.rank_score(), -1)
+    log_p = torch.log_softmax(student.rank_score(), -1)
+    kl = (target.exp() * (target - log_p)).sum(-1)
+    rows = count(torch.tensor(float(len(kl))))
     return kl.sum() / rows.clamp(min=1.0)

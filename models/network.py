@@ -42,7 +42,7 @@ class Batch:
 
     user_idx: torch.Tensor  # [B]
     user_feats: torch.Tensor  # [B, F]
-    item_idx: torch.Tensor  # [B]
+    item_idx: torch.Tensor  # [B], or [B, N] items per row (see RecNetwork.forward)
     history: torch.Tensor  # [B, L]
     history_len: torch.Tensor  # [B]
     label: torch.Tensor | None = None  # [B]
@@ -63,10 +63,14 @@ class Batch:
 
 @dataclass
 class Output:
-    logit: torch.Tensor  # [B], click logit of a shown item (the like head)
-    interact_logit: torch.Tensor  # [B]
+    logit: torch.Tensor  # [B] (or [B, N]), click logit of a shown item (like head)
+    interact_logit: torch.Tensor  # [B] (or [B, N])
     user_embedding: torch.Tensor  # [B, D]
-    attention: torch.Tensor  # [B, L], zero past the history length
+    attention: torch.Tensor  # [B, L] (or [B, N, L]), zero past the history length
+
+    def rank_score(self) -> torch.Tensor:
+        """Ranking scores (see :func:`rank_score`), shaped like ``logit``."""
+        return rank_score(torch.stack([self.logit, self.interact_logit], -1))
 
 
 def _in_order(pooled, keys: list[str]) -> torch.Tensor:
@@ -300,9 +304,18 @@ class RecNetwork(nn.Module):
         return self.user_tower(tower_in), history, mask
 
     def forward(self, batch: Batch) -> Output:
+        """Scores each row's item, or with ``item_idx`` ``[B, N]`` each row's
+        ``N`` items: the logits are then ``[B, N]`` and the attention
+        ``[B, N, L]``. Training a ranking term goes through here rather than
+        :meth:`score_candidates`, so that a wrapped (DDP) network syncs it."""
         user, history, mask = self.encode_user(batch)
-        item = self.item_vectors(batch.item_idx)  # [B, D]
-        logits, attention = self._score(user, history, mask, item[:, None, :])
+        listed = batch.item_idx.dim() == 2
+        items = self.item_vectors(batch.item_idx)  # [B, D] or [B, N, D]
+        logits, attention = self._score(
+            user, history, mask, items if listed else items[:, None, :]
+        )
+        if listed:
+            return Output(logits[..., 0], logits[..., 1], user, attention)
         return Output(logits[:, 0, 0], logits[:, 0, 1], user, attention[:, 0])
 
     def score_candidates(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:

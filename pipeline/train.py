@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data.examples import Examples, sample_negatives
 from data.split import ONBOARDING_EVENTS
-from models.distill import DistillWeights, distillation_loss, label_loss
+from models.distill import DistillWeights, Ranked, distillation_loss, label_loss
 from models.ema import EMA, named_state
 from models.ema_guard import DivergenceGuard, SnapshotWindow
 from models.network import Batch, NetworkConfig, RecNetwork
@@ -276,12 +276,8 @@ class Trainer:
         """
         share = self.config.cold_history_share
         draws = np.empty(len(examples))
-        shards = data_shard(examples.user_id, self.config.data_shards)
-        for shard in np.unique(shards):
-            mine = shards == shard
-            draws[mine] = self._rng(1, self.student_steps, int(shard)).random(
-                mine.sum()
-            )
+        for shard, mine in self._shard_rows(examples):
+            draws[mine] = self._rng(1, self.student_steps, shard).random(len(mine))
         rows = np.flatnonzero(
             (examples.history_len > ONBOARDING_EVENTS) & (draws < share)
         )
@@ -295,6 +291,47 @@ class Trainer:
         examples.history_len[rows] = ONBOARDING_EVENTS
         return examples
 
+    def _shard_rows(self, examples: Examples) -> Iterator[tuple[int, np.ndarray]]:
+        """Each data shard in ``examples`` with the positions of its rows.
+
+        A shard's rows come in the same order on whichever rank reads them, so
+        what a shard draws for them does not depend on the number of ranks.
+        """
+        shards = data_shard(examples.user_id, self.config.data_shards)
+        for shard in np.unique(shards):
+            yield int(shard), np.flatnonzero(shards == shard)
+
+    def ranking_rows(self, examples: Examples) -> np.ndarray:
+        """Positions of the rows the ranking term reads: each data shard draws
+        its share of ``ranking_rows`` (at least one, so that every rank of a
+        sharded run takes part)."""
+        per_shard = max(1, -(-self.config.ranking_rows // self.config.data_shards))
+        picked = []
+        for shard, mine in self._shard_rows(examples):
+            rng = self._rng(2, self.student_steps, shard)
+            picked.append(rng.choice(mine, min(per_shard, len(mine)), replace=False))
+        return np.sort(np.concatenate(picked))
+
+    def ranking_batches(self, examples: Examples, styled: Examples):
+        """The student's and the teacher's view of the ranking term's rows
+        (:meth:`ranking_rows`), each against the same ``N =
+        ranking_candidates`` items drawn from the catalogue without
+        replacement: ``item_idx`` ``[S, N]``. ``None`` when no student uses it.
+        """
+        if not any(s.variant.weights.ranking > 0 for s in self.students.values()):
+            return None
+        rows = self.ranking_rows(examples)
+        items = self.prepared.space.num_items - 1  # item 0 is the padding
+        count = min(self.config.ranking_candidates, items)
+        chosen = self._rng(3, self.student_steps).choice(items, count, replace=False)
+        candidates = torch.from_numpy(chosen + 1).expand(len(rows), -1)
+        views = []
+        for source in (styled, examples):
+            batch = Batch.from_examples(source.take(rows))
+            batch.item_idx = candidates
+            views.append(batch)
+        return views
+
     def student_step(self, examples: Examples) -> dict[str, float]:
         """One distillation step of every student on the same batch.
 
@@ -307,28 +344,37 @@ class Trainer:
         # weights over another history are no target: cut rows drop that term.
         view = Batch.from_examples(examples)
         cut = torch.from_numpy(styled.history_len != examples.history_len)  # [B]
-        targets = {}
+        ranking = self.ranking_batches(examples, styled)
+        targets, ranked_targets = {}, {}
         with torch.no_grad():
             with self.buffer.read() as snapshot:
                 targets["ema"] = snapshot.module(view)
+                if ranking is not None:
+                    ranked_targets["ema"] = snapshot.module(ranking[1])
                 version = snapshot.version
             if any(s.variant.source == "online" for s in self.students.values()):
                 self.teacher.eval()
                 targets["online"] = self.teacher(view)
+                if ranking is not None:
+                    ranked_targets["online"] = self.teacher(ranking[1])
             for target in targets.values():
                 target.attention = target.attention.masked_fill(cut[:, None], 0.0)
         logged = None
         for student in self.students.values():
             student.network.train()
             out = student.network(batch)
-            target = targets[student.variant.source]
+            source = student.variant.source
+            ranked = None
+            if ranking is not None:
+                ranked = Ranked(student.network(ranking[0]), ranked_targets[source])
             loss, terms = distillation_loss(
                 out,
-                target,
+                targets[source],
                 batch.label,
                 batch.rated,
                 student.variant.weights,
                 self.placement.mean_count,
+                ranked,
             )
             student.optimizer.zero_grad()
             loss.backward()
@@ -628,6 +674,7 @@ def distill_weights(config: TrainConfig) -> DistillWeights:
         config.distill_embedding,
         config.distill_attention,
         config.distill_click,
+        config.distill_ranking,
     )
 
 

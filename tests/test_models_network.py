@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data.features import FeatureSpace
-from models.distill import DistillWeights, distillation_loss
+from models.distill import DistillWeights, Ranked, distillation_loss, ranking_kl
 from models.network import Batch, NetworkConfig, Output, RecNetwork, rank_score
 from models.quantize import (
     WEIGHT_RANGE,
@@ -169,6 +169,25 @@ def test_score_candidates_matches_forward(space, teacher) -> None:
             torch.testing.assert_close(
                 scores[:, column], expected, atol=1e-5, rtol=0, msg=f"item {item}"
             )
+
+
+def test_forward_scores_a_list_of_items_per_row(space, teacher) -> None:
+    model, _ = teacher
+    batch = make_batch(space, seed=6)
+    items = torch.from_numpy(
+        np.random.default_rng(6).integers(1, space.num_items, size=(B, 3))
+    )
+    with torch.no_grad():
+        listed = model(dataclasses.replace(batch, item_idx=items))
+        assert listed.logit.shape == listed.interact_logit.shape == (B, 3)
+        assert listed.attention.shape == (B, 3, L)
+        for column in range(3):
+            one = model(dataclasses.replace(batch, item_idx=items[:, column]))
+            torch.testing.assert_close(listed.logit[:, column], one.logit)
+            torch.testing.assert_close(
+                listed.rank_score()[:, column], one.rank_score()
+            )
+            torch.testing.assert_close(listed.attention[:, column], one.attention)
 
 
 def _serving_networks(space, teacher, student) -> dict:
@@ -350,6 +369,43 @@ def test_attention_term_skips_rows_without_history(outputs) -> None:
         s, empty, label, rated, DistillWeights(label=0, embedding=0, click=0)
     )
     assert total.item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def ranked(space, teacher, student) -> Ranked:
+    batch = make_batch(space, seed=9)
+    items = torch.arange(1, space.num_items).expand(B, -1)
+    listed = dataclasses.replace(batch, item_idx=items)
+    with torch.no_grad():
+        return Ranked(student[0](listed), teacher[0](listed))
+
+
+def test_ranking_term_is_the_kl_of_the_softmax_over_candidates(ranked) -> None:
+    t = torch.softmax(ranked.teacher.rank_score().double(), -1)
+    s = torch.softmax(ranked.student.rank_score().double(), -1)
+    expected = (t * (t / s).log()).sum(-1).mean().item()
+    assert ranking_kl(ranked.student, ranked.teacher).item() == pytest.approx(
+        expected, abs=1e-5
+    )
+    assert expected > 0
+    assert ranking_kl(ranked.teacher, ranked.teacher).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_ranking_term_joins_the_total_with_its_weight(outputs, ranked) -> None:
+    s, t, label, rated = outputs
+    _, without = distillation_loss(s, t, label, rated)
+    assert "ranking" not in without
+    weights = DistillWeights(ranking=2.5)
+    total, terms = distillation_loss(s, t, label, rated, weights, ranked=ranked)
+    assert terms["ranking"] == pytest.approx(
+        ranking_kl(ranked.student, ranked.teacher).item(), abs=1e-6
+    )
+    expected = sum(v for k, v in terms.items() if k != "ranking") + 2.5 * terms[
+        "ranking"
+    ]
+    assert total.item() == pytest.approx(expected, abs=1e-4)
 
 
 def test_switched_off_term_sends_no_gradient(space, student, teacher) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.ingest import run_ingest
-from pipeline.prepare import prepare
+from pipeline.prepare import data_shard, prepare
 from pipeline.train import Trainer, complete_checkpoints
 
 
@@ -31,8 +32,14 @@ def _tracked(tmp_path: Path):
 
 
 def test_resumed_trainer_ends_where_the_uninterrupted_one_does(prepared, tmp_path):
+    # With the ranking term on: its draws must resume too.
     config = TrainConfig(
-        max_steps=60, epochs=1, student_epochs=0, checkpoint_every=20, background_sync=False
+        max_steps=60,
+        epochs=1,
+        student_epochs=0,
+        checkpoint_every=20,
+        background_sync=False,
+        distill_ranking=1.0,
     )
     whole = Trainer(prepared, config)
     whole.run(tmp_path / "whole")
@@ -65,3 +72,37 @@ def test_checkpoint_of_another_world_size_is_refused(prepared, tmp_path):
     meta.write_text(meta.read_text().replace('"world_size": 1', '"world_size": 2'))
     with pytest.raises(ValueError, match="--nproc 2"):
         Trainer(prepared, config).load_checkpoint(path)
+
+
+def test_ranking_rows_are_each_shards_own_draw(prepared):
+    """A rank holding some data shards picks, for the ranking term, the same
+    rows of them as one process holding them all, against the same items."""
+    config = TrainConfig(
+        epochs=1, student_epochs=0, distill_ranking=1.0, ranking_rows=64
+    )
+    trainer = Trainer(prepared, config)
+    examples = next(trainer.epoch_batches(0))
+    student, teacher = trainer.ranking_batches(examples, examples)
+    assert student.item_idx.shape == (len(student.user_idx), config.ranking_candidates)
+    candidates = student.item_idx[0]
+    assert len(set(candidates.tolist())) == config.ranking_candidates
+    assert candidates.min() >= 1 and candidates.max() < prepared.space.num_items
+    assert (student.item_idx == candidates).all()
+    assert (teacher.item_idx == candidates).all()
+    assert len(student.user_idx) == 64  # 8 per data shard
+
+    shards = data_shard(examples.user_id, config.data_shards)
+    half = examples.take(np.flatnonzero(shards < config.data_shards // 2))
+    ours = examples.take(trainer.ranking_rows(examples))
+    ours = ours.take(np.flatnonzero(data_shard(ours.user_id, 8) < 4))
+    theirs = half.take(trainer.ranking_rows(half))
+    assert len(theirs) == 32
+    for field in ("user_id", "item_idx", "history", "history_len", "label"):
+        assert np.array_equal(getattr(ours, field), getattr(theirs, field)), field
+
+
+def test_no_ranking_rows_when_no_student_ranks(prepared):
+    """The ranking term is off by default: no rows are scored for it."""
+    trainer = Trainer(prepared, TrainConfig(epochs=1))
+    examples = next(trainer.epoch_batches(0))
+    assert trainer.ranking_batches(examples, examples) is None

@@ -21,21 +21,21 @@ from pipeline.train import MAIN_STUDENT, distill_weights
 
 
 def test_variants_switch_off_what_their_names_say():
-    weights = DistillWeights(label=1.0, embedding=2.0, attention=3.0, click=4.0)
+    weights = DistillWeights(
+        label=1.0, embedding=2.0, attention=3.0, click=4.0, ranking=5.0
+    )
     table = variants(weights)
     assert table["student"].weights == weights and table["student"].source == "ema"
     labels_only = table["student_no_distill"].weights
-    assert (labels_only.embedding, labels_only.attention, labels_only.click) == (
-        0,
-        0,
-        0,
-    )
+    terms = ("embedding", "attention", "click", "ranking")
+    assert all(getattr(labels_only, term) == 0 for term in terms)
     assert labels_only.label == 1.0
     assert table["student_online_teacher"].source == "online"
     assert table["student_no_embedding"].weights.embedding == 0
     assert table["student_no_embedding"].weights.attention == 3.0
     assert table["student_no_attention"].weights.attention == 0
     assert table["student_no_click"].weights.click == 0
+    assert table["student_no_ranking"].weights.ranking == 0
     assert not any(name.startswith("student_with_") for name in table)
 
 
