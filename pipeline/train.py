@@ -365,7 +365,7 @@ class Trainer:
             out = student.network(batch)
             source = student.variant.source
             ranked = None
-            if ranking is not None:
+            if ranking is not None and student.variant.weights.ranking > 0:
                 ranked = Ranked(student.network(ranking[0]), ranked_targets[source])
             loss, terms = distillation_loss(
                 out,
