@@ -110,7 +110,8 @@ class TrainConfig(BaseModel):
         ge=0,
         description="weight of the ranking distillation loss (the teacher's "
         "softmax over sampled catalogue items); off by default: over 3 seeds "
-        "it raised the cold student's AUC and lowered its Recall@10",
+        "on MovieLens-100K it lifted the student's warm Recall@10 but lowered "
+        "its cold Recall@10",
     )
     ranking_rows: int = Field(
         256, ge=1, description="rows per student step the ranking loss reads"
