@@ -345,17 +345,23 @@ class Trainer:
         view = Batch.from_examples(examples)
         cut = torch.from_numpy(styled.history_len != examples.history_len)  # [B]
         ranking = self.ranking_batches(examples, styled)
+        # The teachers whose students weigh the ranking term score its candidates.
+        ranks = {
+            s.variant.source
+            for s in self.students.values()
+            if s.variant.weights.ranking > 0
+        }
         targets, ranked_targets = {}, {}
         with torch.no_grad():
             with self.buffer.read() as snapshot:
                 targets["ema"] = snapshot.module(view)
-                if ranking is not None:
+                if "ema" in ranks:
                     ranked_targets["ema"] = snapshot.module(ranking[1])
                 version = snapshot.version
             if any(s.variant.source == "online" for s in self.students.values()):
                 self.teacher.eval()
                 targets["online"] = self.teacher(view)
-                if ranking is not None:
+                if "online" in ranks:
                     ranked_targets["online"] = self.teacher(ranking[1])
             for target in targets.values():
                 target.attention = target.attention.masked_fill(cut[:, None], 0.0)

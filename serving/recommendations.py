@@ -98,9 +98,8 @@ class RecommendationLog:
         self._ids = resident_zeros((capacity, 2), np.uint64)  # [C, 2] the id's 128 bits
         self._cohort = resident_zeros(capacity, np.uint8)  # [C] index into COHORTS
         self._version = resident_zeros(capacity, np.uint32)  # [C] index into _versions
-        self._start = resident_zeros(
-            capacity, np.int64
-        )  # [C] first item cell, absolute
+        # [C] first item cell, absolute
+        self._start = resident_zeros(capacity, np.int64)
         self._count = resident_zeros(capacity, np.int32)  # [C]
         self._items = resident_zeros(items, np.int64)  # [I]
         self._impressed = resident_zeros(items, np.bool_)  # [I]

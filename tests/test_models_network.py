@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data.features import FeatureSpace
 from models.distill import DistillWeights, Ranked, distillation_loss, ranking_kl
-from models.network import Batch, NetworkConfig, Output, RecNetwork, rank_score
+from models.network import Batch, NetworkConfig, Output, RecNetwork
 from models.quantize import (
     WEIGHT_RANGE,
     Int8PairHead,
@@ -165,9 +165,8 @@ def test_score_candidates_matches_forward(space, teacher) -> None:
         for column, item in enumerate(candidates.tolist()):
             single = dataclasses.replace(batch, item_idx=torch.full((B,), item))
             out = model(single)
-            expected = rank_score(torch.stack([out.logit, out.interact_logit], -1))
             torch.testing.assert_close(
-                scores[:, column], expected, atol=1e-5, rtol=0, msg=f"item {item}"
+                scores[:, column], out.rank_score(), atol=1e-5, rtol=0, msg=f"item {item}"
             )
 
 
