@@ -41,8 +41,8 @@ DENSE_BIG = (4, 24_000_000)  # four big tensors ...
 DENSE_SMALL = (200, 20_000)  # ... and many small ones: 100M parameters
 LOOP_TENSORS, LOOP_SIZES = 2_000, (1_000, 10_000)
 TABLE_ROWS, TABLE_DIM, TOUCHED = 10_000_000, 16, 0.01
-LAZY_STEPS = 15
-REPEATS = 5
+LAZY_STEPS = 30
+REPEATS = 15
 BYTES_PER_ELEMENT = 12  # fp32 shadow read + source read + shadow write
 
 

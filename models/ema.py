@@ -22,6 +22,7 @@ pre-hook when the optimizer is given. Every other row is caught up on
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -158,6 +159,10 @@ class _LazyTable:
         return tuple(buffer[:rows] for buffer in self._scratch)
 
 
+_DTYPE = operator.attrgetter("dtype")
+_NOT_NONE = functools.partial(operator.is_not, None)
+
+
 class _Layout:
     """What decides a plain module tree's named tensors, cheap to compare.
 
@@ -181,11 +186,17 @@ class _Layout:
     def _take(self) -> tuple[list, list, list]:
         keys: list[tuple] = []
         objects: list = []
+        tensors: list = []
         for module in self.modules:
-            for members in (module._parameters, module._buffers, module._modules):
+            for members in (module._parameters, module._buffers):
                 keys.append(tuple(members))
-                objects.extend(members.values())
-        dtypes = [t.dtype for t in objects if isinstance(t, torch.Tensor)]
+                tensors.extend(members.values())
+            keys.append(tuple(module._modules))
+            objects.extend(module._modules.values())
+        objects.extend(tensors)
+        # map/filter with C callables: a comprehension over thousands of
+        # tensors costs a good part of a packed update.
+        dtypes = list(map(_DTYPE, filter(_NOT_NONE, tensors)))
         return keys, objects, dtypes
 
     def matches(self, model: nn.Module) -> bool:
