@@ -17,6 +17,14 @@ import pandas as pd
 from data.features import FeatureSpace
 
 SEQUENTIAL_SPLITS = ("train", "onboarding")
+# What a history entry says of the user's reaction to its item.
+FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK = 0, 1, 2
+FEEDBACK_CODES = 3
+
+
+def feedback_codes(click: np.ndarray) -> np.ndarray:
+    """History feedback codes of logged events with these click labels."""
+    return np.where(np.asarray(click) > 0, FEEDBACK_CLICK, FEEDBACK_NO_CLICK)
 
 
 @dataclass
@@ -30,6 +38,9 @@ class Examples:
         item_idx: the candidate item's index.
         history: ``[N, L]`` item indices, left-aligned, 0 past ``history_len``.
         history_len: ``[N]`` valid history entries.
+        history_feedback: ``[N, L]`` the user's reaction to each history item
+            (``FEEDBACK_CLICK``, ``FEEDBACK_NO_CLICK``; ``FEEDBACK_UNKNOWN`` as
+            padding and where it is not known).
         label: click (1) or not (0), float32.
         rated: 1 for a logged interaction, 0 for a sampled unseen item.
     """
@@ -40,6 +51,7 @@ class Examples:
     item_idx: np.ndarray
     history: np.ndarray
     history_len: np.ndarray
+    history_feedback: np.ndarray
     label: np.ndarray
     rated: np.ndarray
 
@@ -91,6 +103,8 @@ def build_examples(
     rows, length = history_windows(events, max_history)
     item_idx = space.item_index(events["item_id"])
     history = np.where(rows >= 0, item_idx[np.maximum(rows, 0)], 0)
+    codes = feedback_codes(events["click"].to_numpy())
+    feedback = np.where(rows >= 0, codes[np.maximum(rows, 0)], FEEDBACK_UNKNOWN)
     user_id = events["user_id"].to_numpy()
     n_features = len(space.user_features)
     default = [0] * n_features
@@ -102,6 +116,7 @@ def build_examples(
         item_idx=item_idx,
         history=history.astype(np.int64),
         history_len=length.astype(np.int64),
+        history_feedback=feedback.astype(np.int64),
         label=events["click"].to_numpy().astype(np.float32),
         rated=np.ones(len(events), np.float32),
     )
@@ -141,6 +156,7 @@ class RankingUser:
     user_idx: int
     user_feats: list[int]
     history: list[int]
+    history_feedback: list[int]
     seen: set[int]
     relevant: set[int]
 
@@ -167,6 +183,7 @@ def ranking_users(events: pd.DataFrame, examples: Examples) -> list[RankingUser]
                 user_idx=int(examples.user_idx[first]),
                 user_feats=examples.user_feats[first].tolist(),
                 history=examples.history[first, :n].tolist(),
+                history_feedback=examples.history_feedback[first, :n].tolist(),
                 seen=set(examples.item_idx[seen_rows].tolist()),
                 relevant=set(examples.item_idx[clicks].tolist()),
             )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.examples import FEEDBACK_UNKNOWN, feedback_codes
 from data.features import FeatureSpace
 from models.network import Batch, EncodedUsers
 from models.store import load_network
@@ -35,10 +36,20 @@ class ColdUser:
             ``Predictor.user_feature_problem``), missing ones fall back to
             "unknown".
         item_ids: the few items the user has touched, oldest first.
+        clicked: whether the user clicked each of ``item_ids``, in the same
+            order; None when not known.
     """
 
     features: dict[str, str]
     item_ids: tuple[int, ...]
+    clicked: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.clicked is not None and len(self.clicked) != len(self.item_ids):
+            raise ValueError(
+                f"clicked holds {len(self.clicked)} values for "
+                f"{len(self.item_ids)} item_ids; give one per item or none"
+            )
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,8 @@ class ModelBundle:
             self.space.user_index(user_ids),
             [self.space.encode_user(row) for row in rows],
             [list(row["history"]) for row in rows],
+            # Bundles exported before click feedback was kept have no column.
+            [row.get("history_clicked") for row in rows],
         )
 
     def _cold_batch(self, users: Sequence[ColdUser]) -> Batch:
@@ -191,22 +204,27 @@ class ModelBundle:
             np.zeros(len(users), np.int64),
             [self.space.encode_user(u.features) for u in users],
             [list(u.item_ids) for u in users],
+            [u.clicked for u in users],
         )
 
-    def _batch(self, user_idx, tokens, histories) -> Batch:
+    def _batch(self, user_idx, tokens, histories, clicks) -> Batch:
         width = self.max_history
         history = np.zeros((len(histories), width), np.int64)
+        feedback = np.full((len(histories), width), FEEDBACK_UNKNOWN, np.int64)
         lengths = np.zeros(len(histories), np.int64)
-        for row, items in enumerate(histories):
+        for row, (items, clicked) in enumerate(zip(histories, clicks, strict=True)):
             index = self.space.item_index(items[-width:])
             history[row, : len(index)] = index
             lengths[row] = len(index)
+            if clicked is not None:
+                feedback[row, : len(index)] = feedback_codes(list(clicked)[-width:])
         return Batch(
             user_idx=torch.as_tensor(user_idx, dtype=torch.int64),
             user_feats=torch.tensor(tokens, dtype=torch.int64).reshape(len(histories), -1),
             item_idx=torch.zeros(len(histories), dtype=torch.int64),
             history=torch.from_numpy(history),
             history_len=torch.from_numpy(lengths),
+            history_feedback=torch.from_numpy(feedback),
         )
 
     def user_embeddings(self, user_ids: Sequence[int]) -> np.ndarray:

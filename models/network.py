@@ -3,7 +3,9 @@
 Embeddings are TorchRec ``EmbeddingBagCollection`` tables: one for user id (the
 teacher only), one per user side feature, one for item id and one per item
 feature. A user tower turns the user's inputs and the mean of their history into
-a user embedding. The candidate item attends over the history (DIN-style), giving
+a user embedding. With ``history_feedback``, each history item's vector also
+carries whether the user clicked it (a learned vector per answer, zero where
+not known). The candidate item attends over the history (DIN-style), giving
 attention weights and an interest vector, and a two-output head scores the pair:
 
 - ``like``: will the user click (rate 4 or 5) the item if it is shown to them;
@@ -16,7 +18,8 @@ at ranking (interactions) or at predicting clicks on shown items (likes), not
 both.
 
 The student is the same network without the user-id table: all it knows of a
-user is their side features and the few items they touched.
+user is their side features, the few items they touched and, when the request
+says so, which of those they clicked.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
+from data.examples import FEEDBACK_CODES, FEEDBACK_UNKNOWN
 from data.features import FeatureSpace
 
 USER_ID = "user_id"
@@ -47,6 +51,7 @@ class Batch:
     history_len: torch.Tensor  # [B]
     label: torch.Tensor | None = None  # [B]
     rated: torch.Tensor | None = None  # [B], 1 for logged interactions
+    history_feedback: torch.Tensor | None = None  # [B, L]; None: all unknown
 
     @classmethod
     def from_examples(cls, examples) -> "Batch":
@@ -58,6 +63,7 @@ class Batch:
             history_len=torch.from_numpy(examples.history_len),
             label=torch.from_numpy(examples.label),
             rated=torch.from_numpy(examples.rated),
+            history_feedback=torch.from_numpy(examples.history_feedback),
         )
 
 
@@ -135,6 +141,7 @@ class NetworkConfig:
     embedding_dim: int = 32
     hidden_dim: int = 64
     use_user_id: bool = True
+    history_feedback: bool = False
 
     @classmethod
     def from_space(cls, space: FeatureSpace, use_user_id: bool, **dims) -> "NetworkConfig":
@@ -249,6 +256,17 @@ class RecNetwork(nn.Module):
         self.query = nn.Linear(d, d, bias=False)
         self.key = nn.Linear(d, d, bias=False)
         self.head = PairHead([5 * d, config.hidden_dim, config.hidden_dim // 2, 2])
+        if config.history_feedback:
+            # Added to each history item's vector: whether the user clicked it.
+            # Three codes, a dense parameter rather than an embedding table.
+            # Zeros at first, so the network starts as one without it (and
+            # draws nothing from the random generator).
+            self.feedback = nn.Embedding(
+                FEEDBACK_CODES,
+                d,
+                padding_idx=FEEDBACK_UNKNOWN,
+                _weight=torch.zeros(FEEDBACK_CODES, d),
+            )
 
     def _register_item_tokens(self, item_tokens: dict[str, list[list[int]]]) -> None:
         # CSR layout per feature: token values and per-item offsets, padding first.
@@ -298,7 +316,10 @@ class RecNetwork(nn.Module):
         the history mask ``[B, L]``."""
         length = batch.history.shape[1]
         mask = torch.arange(length)[None, :] < batch.history_len[:, None]
-        history = self.item_vectors(batch.history) * mask[..., None]
+        history = self.item_vectors(batch.history)
+        if self.config.history_feedback and batch.history_feedback is not None:
+            history = history + self.feedback(batch.history_feedback)
+        history = history * mask[..., None]
         mean = history.sum(1) / batch.history_len.clamp(min=1)[:, None]
         tower_in = torch.cat([self.user_inputs(batch.user_idx, batch.user_feats), mean], 1)
         return self.user_tower(tower_in), history, mask

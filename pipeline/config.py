@@ -92,6 +92,17 @@ class TrainConfig(BaseModel):
         description="share of student rows whose history is cut to the user's "
         "first events, as a new user's onboarding would be",
     )
+    history_feedback: bool = Field(
+        True,
+        description="the networks read whether the user clicked each history item",
+    )
+    unknown_feedback_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="share of student rows whose history feedback is hidden, as "
+        "a new user's request may not say what they clicked",
+    )
     distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
     distill_embedding: float = Field(
         0.0,

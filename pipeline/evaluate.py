@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -36,10 +37,35 @@ logger = logging.getLogger(__name__)
 
 MODELS = (
     "popularity", "online_teacher", "ema_teacher", "ema_teacher_adaptive", "student",
-    "student_int8",
+    "student_int8", "student_int8_items_only",
 )  # fmt: skip
 COHORTS = ("cold", "warm")
 USERS_PER_CHUNK = 64
+
+
+class ItemsOnly:
+    """A network read as if no request said which history items were clicked:
+    what serving a new user who sends ``item_ids`` without ``clicked`` gets."""
+
+    def __init__(self, network) -> None:
+        self.network = network
+
+    def __call__(self, batch: Batch):
+        return self.network(replace(batch, history_feedback=None))
+
+    def score_candidates(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+        return self.network.score_candidates(
+            replace(batch, history_feedback=None), candidates
+        )
+
+
+def with_items_only(models: dict) -> dict:
+    """``models`` plus ``student_int8_items_only`` when the INT8 student reads
+    history feedback."""
+    int8 = models.get("student_int8")
+    if int8 is None or not int8.config.history_feedback:
+        return models
+    return {**models, "student_int8_items_only": ItemsOnly(int8)}
 
 
 def eval_dir(work_dir: Path) -> Path:
@@ -86,14 +112,17 @@ def network_rank_scores(model, users: list[RankingUser], num_items: int, max_his
 
 def ranking_batch(users: list[RankingUser], max_history: int) -> Batch:
     history = np.zeros((len(users), max_history), np.int64)
+    feedback = np.zeros((len(users), max_history), np.int64)
     for row, user in enumerate(users):
         history[row, : len(user.history)] = user.history[-max_history:]
+        feedback[row, : len(user.history)] = user.history_feedback[-max_history:]
     return Batch(
         user_idx=torch.tensor([u.user_idx for u in users]),
         user_feats=torch.tensor([u.user_feats for u in users], dtype=torch.int64),
         item_idx=torch.zeros(len(users), dtype=torch.int64),
         history=torch.from_numpy(history),
         history_len=torch.tensor([min(len(u.history), max_history) for u in users]),
+        history_feedback=torch.from_numpy(feedback),
     )
 
 
@@ -222,6 +251,7 @@ def run_evaluate(config: PipelineConfig) -> dict:
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}
+    models = with_items_only(models)
     metrics = evaluate_models(prepared, models, config.eval_k, config.train.max_history)
 
     out = eval_dir(config.work_dir)

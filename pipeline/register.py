@@ -44,9 +44,10 @@ def gate_metrics(metrics: dict, k: int) -> dict[str, float]:
 def export_bundle(config: PipelineConfig) -> Path:
     """Writes ``work_dir/bundle``: networks, vocabularies, known users, catalogue.
 
-    Known users are the warm users, with the history and seen items of their
-    train and valid events: what the model knew when it was trained. Their test
-    events stay unseen, so that replaying the test period measures real CTR.
+    Known users are the warm users, with the history (items and whether each
+    was clicked) and seen items of their train and valid events: what the
+    model knew when it was trained. Their test events stay unseen, so that
+    replaying the test period measures real CTR.
     """
     from data.split import split_interactions
 
@@ -60,8 +61,10 @@ def export_bundle(config: PipelineConfig) -> Path:
     known = events[(events.cohort == "warm") & events.split.isin(["train", "valid"])]
     width = config.train.max_history
     per_user = known.groupby("user_id")["item_id"].agg(list)
+    clicked = known.groupby("user_id")["click"].agg(lambda c: [bool(x) for x in c])
     table = users[users.user_id.isin(per_user.index)].copy()
     table["history"] = table.user_id.map(lambda u: per_user[u][-width:])
+    table["history_clicked"] = table.user_id.map(lambda u: clicked[u][-width:])
     table["seen"] = table.user_id.map(lambda u: sorted(set(per_user[u])))
     table.to_parquet(bundle / "users.parquet", index=False)
     items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)

@@ -13,7 +13,8 @@ from serving.replay import ReplayUser, replay
 
 def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayUser]:
     """Every user with test events: warm users by id, cold users by their side
-    features and onboarding items; their test clicks are what they would click."""
+    features, onboarding items and which of those they clicked; their test
+    clicks are what they would click."""
     loaded = load_data(resolve_data(data), mapping)
     events = split_interactions(loaded.interactions)
     names = list(loaded.user_features)
@@ -28,13 +29,14 @@ def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayU
         if test.empty:
             continue
         cohort = str(test.cohort.iat[0])
-        onboarding = frame.loc[frame.split == "onboarding", "item_id"].tolist()
+        onboarding = frame[frame.split == "onboarding"]
         users.append(
             ReplayUser(
                 user_id=int(user_id),
                 cohort=cohort,
                 features=features.get(int(user_id), {}) if cohort == "cold" else {},
-                item_ids=[int(i) for i in onboarding],
+                item_ids=[int(i) for i in onboarding.item_id],
+                clicked=[bool(c) for c in onboarding.click],
                 test_clicks={int(i) for i in test.loc[test.click == 1, "item_id"]},
             )
         )

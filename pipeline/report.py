@@ -58,6 +58,7 @@ ROWS = {
     "student_no_ranking": "distilled, without ranking term",
     "student_with_ranking": "distilled, with ranking term (weight 1)",
     "student_int8": "INT8 student",
+    "student_int8_items_only": "INT8 student, no clicks sent (item_ids only)",
 }
 COLUMNS = (
     ("cold", "auc"), ("cold", "recall_at_10"), ("warm", "auc"), ("warm", "recall_at_10"),

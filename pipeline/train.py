@@ -40,7 +40,12 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from data.examples import Examples, sample_negatives
+from data.examples import (
+    FEEDBACK_UNKNOWN,
+    Examples,
+    feedback_codes,
+    sample_negatives,
+)
 from data.split import ONBOARDING_EVENTS
 from models.distill import DistillWeights, Ranked, distillation_loss, label_loss
 from models.ema import EMA, named_state
@@ -124,7 +129,11 @@ class Trainer:
         self.prepared, self.config = prepared, config
         self.placement = placement or LocalPlacement()
         torch.manual_seed(config.seed)
-        dims = {"embedding_dim": config.embedding_dim, "hidden_dim": config.hidden_dim}
+        dims = {
+            "embedding_dim": config.embedding_dim,
+            "hidden_dim": config.hidden_dim,
+            "history_feedback": config.history_feedback,
+        }
         space = prepared.space
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
@@ -183,7 +192,9 @@ class Trainer:
         self.students = {name: self._student(v) for name, v in variants.items()}
         self.valid = Batch.from_examples(prepared.select("warm", "valid"))
         self.seen = prepared.seen_in_train()
-        self.first_items = first_items(self.train_examples, ONBOARDING_EVENTS)
+        self.first_items, self.first_feedback = first_items(
+            self.train_examples, ONBOARDING_EVENTS
+        )
         self.curves = Curves(log=self.placement.is_writer)
         self.step = 0
         self.student_steps = 0
@@ -267,28 +278,36 @@ class Trainer:
         return loss.item()
 
     def cold_style(self, examples: Examples) -> Examples:
-        """Cuts some rows' history to the user's first events.
+        """Cuts some rows' history to the user's first events, and hides the
+        feedback of some rows' history.
 
         The student serves new users, who come with a handful of onboarding
         items; training it only on long histories would leave it unused to
         that. The first events of a user precede every later event, so the
-        cut history still only holds the past.
+        cut history still only holds the past. A new user's request may not
+        say which onboarding items they clicked: the student learns to read
+        such a history too.
         """
-        share = self.config.cold_history_share
-        draws = np.empty(len(examples))
+        cut_draws = np.empty(len(examples))
+        hide_draws = np.empty(len(examples))
         for shard, mine in self._shard_rows(examples):
-            draws[mine] = self._rng(1, self.student_steps, shard).random(len(mine))
-        rows = np.flatnonzero(
-            (examples.history_len > ONBOARDING_EVENTS) & (draws < share)
+            cut_draws[mine] = self._rng(1, self.student_steps, shard).random(len(mine))
+            hide_draws[mine] = self._rng(4, self.student_steps, shard).random(len(mine))
+        cut = np.flatnonzero(
+            (examples.history_len > ONBOARDING_EVENTS)
+            & (cut_draws < self.config.cold_history_share)
         )
-        if len(rows) == 0:
+        hide = np.flatnonzero(hide_draws < self.config.unknown_feedback_share)
+        if len(cut) == 0 and len(hide) == 0:
             return examples
         examples = examples.take(np.arange(len(examples)))  # a copy
-        examples.history[rows] = 0
-        examples.history[rows, :ONBOARDING_EVENTS] = self.first_items[
-            examples.user_id[rows]
-        ]
-        examples.history_len[rows] = ONBOARDING_EVENTS
+        users = examples.user_id[cut]
+        examples.history[cut] = 0
+        examples.history[cut, :ONBOARDING_EVENTS] = self.first_items[users]
+        examples.history_feedback[cut] = FEEDBACK_UNKNOWN
+        examples.history_feedback[cut, :ONBOARDING_EVENTS] = self.first_feedback[users]
+        examples.history_len[cut] = ONBOARDING_EVENTS
+        examples.history_feedback[hide] = FEEDBACK_UNKNOWN
         return examples
 
     def _shard_rows(self, examples: Examples) -> Iterator[tuple[int, np.ndarray]]:
@@ -684,18 +703,23 @@ def distill_weights(config: TrainConfig) -> DistillWeights:
     )
 
 
-def first_items(examples: Examples, count: int) -> np.ndarray:
-    """``[max user id + 1, count]``: each user's first ``count`` items.
+def first_items(examples: Examples, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's first ``count`` items and their feedback codes.
 
     A train example with history length ``n < count`` is the user's event
     number ``n``, so its item is first item ``n``.
+
+    Returns:
+        ``[max user id + 1, count]`` item indices and the same of feedback codes.
     """
-    table = np.zeros((int(examples.user_id.max()) + 1, count), np.int64)
+    rows = int(examples.user_id.max()) + 1
+    items = np.zeros((rows, count), np.int64)
+    feedback = np.full((rows, count), FEEDBACK_UNKNOWN, np.int64)
     early = np.flatnonzero((examples.history_len < count) & (examples.rated == 1))
-    table[examples.user_id[early], examples.history_len[early]] = examples.item_idx[
-        early
-    ]
-    return table
+    where = examples.user_id[early], examples.history_len[early]
+    items[where] = examples.item_idx[early]
+    feedback[where] = feedback_codes(examples.label[early])
+    return items, feedback
 
 
 def run_train(

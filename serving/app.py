@@ -216,10 +216,17 @@ def _cold_user_errors(
     predictor: Predictor,
     features: dict[str, str],
     item_ids: list[int],
+    clicked: list[bool] | None,
     loc: tuple,
 ) -> list[_Error]:
-    """Check a new user's features and items against the model."""
+    """Check a new user's features, items and clicks against the model."""
     errors = _feature_errors(predictor, features, loc)
+    if clicked is not None and len(clicked) != len(item_ids):
+        msg = (
+            f"clicked holds {len(clicked)} values for {len(item_ids)} item_ids; "
+            "send one per item, in the same order, or leave clicked out"
+        )
+        errors.append(((*loc, "clicked"), msg, len(clicked)))
     max_history = state.settings.max_history
     if len(item_ids) > max_history:
         msg = f"item_ids holds {len(item_ids)} items; send at most {max_history}"
@@ -316,11 +323,14 @@ def cold_embeddings(
         for index, user in enumerate(body.users):
             loc = ("users", index)
             errors += _cold_user_errors(
-                state, model.predictor, user.features, user.item_ids, loc
+                state, model.predictor, user.features, user.item_ids, user.clicked, loc
             )
         if errors:
             raise _invalid(errors)
-        users = [_to_cold_user(user.features, user.item_ids) for user in body.users]
+        users = [
+            _to_cold_user(user.features, user.item_ids, user.clicked)
+            for user in body.users
+        ]
         embeddings = model.predictor.cold_embeddings(users)
         logger.debug("cold embeddings for %d users", len(users))
         return EmbeddingsResponse(
@@ -328,8 +338,14 @@ def cold_embeddings(
         )
 
 
-def _to_cold_user(features: dict[str, str] | None, item_ids: list[int]) -> ColdUser:
-    return ColdUser(features=dict(features or {}), item_ids=tuple(item_ids))
+def _to_cold_user(
+    features: dict[str, str] | None, item_ids: list[int], clicked: list[bool] | None
+) -> ColdUser:
+    return ColdUser(
+        features=dict(features or {}),
+        item_ids=tuple(item_ids),
+        clicked=None if clicked is None else tuple(clicked),
+    )
 
 
 @router.post("/v1/recommendations", response_model=RecommendationResponse)
@@ -382,10 +398,12 @@ def _recommend(
             ]
         )
     features = body.features or {}
-    errors = _cold_user_errors(state, predictor, features, body.item_ids, ())
+    errors = _cold_user_errors(
+        state, predictor, features, body.item_ids, body.clicked, ()
+    )
     if errors:
         raise _invalid(errors)
-    cold = _to_cold_user(features, body.item_ids)
+    cold = _to_cold_user(features, body.item_ids, body.clicked)
     return "cold", predictor.recommend_cold(cold, body.k)
 
 

@@ -24,6 +24,7 @@ class ReplayUser:
         cohort: ``warm`` (known to the model) or ``cold`` (new).
         features: side features, sent for cold users.
         item_ids: onboarding items of a cold user; empty for warm users.
+        clicked: whether the cold user clicked each onboarding item.
         test_clicks: held-out items that count as clicks when recommended.
     """
 
@@ -31,6 +32,7 @@ class ReplayUser:
     cohort: Cohort
     features: dict[str, str] = field(default_factory=dict)
     item_ids: list[int] = field(default_factory=list)
+    clicked: list[bool] = field(default_factory=list)
     test_clicks: set[int] = field(default_factory=set)
 
 
@@ -140,7 +142,10 @@ def _replay_user(
 def _request(user: ReplayUser, k: int) -> dict[str, Any]:
     if user.cohort == "warm":
         return {"user_id": user.user_id, "k": k}
-    return {"features": user.features, "item_ids": list(user.item_ids), "k": k}
+    body = {"features": user.features, "item_ids": list(user.item_ids), "k": k}
+    if user.clicked:
+        body["clicked"] = list(user.clicked)
+    return body
 
 
 def _post(

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 # Ids are looked up in numpy/torch int64 tables; larger ones could overflow.
 MAX_ID = 2**63 - 1
@@ -23,6 +23,12 @@ FEATURES_DESCRIPTION = (
     "has not seen in training (or cannot read, such as an age that is not a "
     "number) is refused with a 422 naming the known values: leave the feature "
     "out to serve the user as unknown."
+)
+
+CLICKED_DESCRIPTION = (
+    "Whether the new user clicked (liked) each of item_ids, one per item in the "
+    "same order. Leave it out when not known: the student then reads the items "
+    "alone, which serves new users less well."
 )
 
 
@@ -82,6 +88,7 @@ class ColdUserIn(_Body):
     item_ids: list[Id] = Field(
         min_length=1, description="Items the user touched (1 to max_history)."
     )
+    clicked: list[StrictBool] | None = Field(None, description=CLICKED_DESCRIPTION)
 
 
 class EmbeddingsRequest(_Body):
@@ -116,6 +123,7 @@ class RecommendationRequest(_Body):
         min_length=1,
         description="Items a new user touched, oldest first (1 to max_history).",
     )
+    clicked: list[StrictBool] | None = Field(None, description=CLICKED_DESCRIPTION)
     k: int = Field(10, strict=True, ge=1, description="Items wanted (1 to max_k).")
 
 

@@ -9,6 +9,9 @@ import pandas as pd
 import pytest
 
 from data.examples import (
+    FEEDBACK_CLICK,
+    FEEDBACK_NO_CLICK,
+    FEEDBACK_UNKNOWN,
     build_examples,
     history_windows,
     ranking_users,
@@ -78,8 +81,9 @@ def item_index(items: pd.DataFrame) -> dict[int, int]:
     return {int(i): n + 1 for n, i in enumerate(items.item_id)}
 
 
-def expected_contexts(events: pd.DataFrame) -> list[list[int]]:
-    """Per event, in row order, the item ids the model may know before it."""
+def expected_contexts(events: pd.DataFrame, column: str = "item_id") -> list[list[int]]:
+    """Per event, in row order, the ``column`` values (item ids by default) of
+    the events the model may know before it."""
     allowed = {
         ("warm", "train"): {"train"},
         ("cold", "onboarding"): {"onboarding"},
@@ -90,10 +94,10 @@ def expected_contexts(events: pd.DataFrame) -> list[list[int]]:
     result = []
     for _, user in events.groupby("user_id", sort=True):
         earlier: list[tuple[str, int]] = []
-        for split, cohort, item in zip(user.split, user.cohort, user.item_id):
+        for split, cohort, value in zip(user.split, user.cohort, user[column]):
             known = allowed[(cohort, split)]
             result.append([i for s, i in earlier if s in known])
-            earlier.append((split, int(item)))
+            earlier.append((split, int(value)))
     return result
 
 
@@ -118,6 +122,19 @@ def test_history_is_the_last_events_the_model_may_know(world, max_history) -> No
         assert (examples.history[row, n:] == 0).all(), "padding past history_len"
         checked[split] += 1
     assert min(checked.values()) > 0, checked
+
+
+def test_history_feedback_is_whether_each_history_event_was_a_click(world) -> None:
+    events, space, tokens, _, _ = world
+    examples = build_examples(events, space, tokens, max_history=4)
+    codes = {0: FEEDBACK_NO_CLICK, 1: FEEDBACK_CLICK}
+    for row, clicks in enumerate(expected_contexts(events, "click")):
+        n = examples.history_len[row]
+        expected = [codes[c] for c in clicks[-4:]]
+        assert examples.history_feedback[row, :n].tolist() == expected, row
+        assert (examples.history_feedback[row, n:] == FEEDBACK_UNKNOWN).all()
+    used = set(np.unique(examples.history_feedback).tolist())
+    assert used == {FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK}
 
 
 def test_history_never_holds_the_event_or_later_ones(world) -> None:
@@ -307,8 +324,11 @@ def test_ranking_users_seen_and_relevant_sets(world) -> None:
         context_splits = (
             ["train", "valid"] if user.cohort == "warm" else ["onboarding"]
         )
-        context = mine[mine.split.isin(context_splits)].item_id.tolist()[-4:]
-        assert user.history == [index[i] for i in context]
+        context = mine[mine.split.isin(context_splits)].tail(4)
+        assert user.history == [index[i] for i in context.item_id]
+        assert user.history_feedback == [
+            FEEDBACK_CLICK if c else FEEDBACK_NO_CLICK for c in context.click
+        ]
 
 
 # --- data.features --------------------------------------------------------------------

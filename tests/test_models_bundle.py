@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from data.examples import FEEDBACK_UNKNOWN, feedback_codes
+from data.split import split_interactions
 from models.bundle import ColdUser, ModelBundle, load_bundle
+from pipeline.ingest import read_ingested
 
 # Batched and one-user teacher calls differ in float rounding only (measured
 # below 1e-6); scores are probabilities compared with the same slack.
@@ -33,13 +36,16 @@ def known_users(bundle: ModelBundle) -> list[int]:
 
 
 def cold_users(bundle: ModelBundle, count: int = 30) -> list[ColdUser]:
+    """New users, every other one saying which of their items they clicked."""
     rng = random.Random(1)
     items = [int(i) for i in bundle.space.item_ids]
     features = [{}, {"gender": "F", "age": "31"}, {"occupation": "writer"}]
-    return [
-        ColdUser(rng.choice(features), tuple(rng.sample(items, rng.randint(1, 8))))
-        for _ in range(count)
-    ]
+    users = []
+    for n in range(count):
+        touched = tuple(rng.sample(items, rng.randint(1, 8)))
+        clicked = tuple(rng.random() < 0.5 for _ in touched) if n % 2 else None
+        users.append(ColdUser(rng.choice(features), touched, clicked))
+    return users
 
 
 def assert_same_recommendations(cached, direct, what: str) -> None:
@@ -107,6 +113,44 @@ def test_cold_recommendations_match_the_full_network(bundle) -> None:
             bundle.compute_recommend_cold(user, 10),
             f"cold user {user}",
         )
+
+
+def test_a_new_users_clicks_change_their_embedding(bundle) -> None:
+    items = tuple(int(i) for i in bundle.space.item_ids[:5])
+    features = {"gender": "F"}
+    liked, disliked, unknown = (
+        bundle.cold_embeddings([ColdUser(features, items, clicked)])[0]
+        for clicked in ((True,) * 5, (False,) * 5, None)
+    )
+    # The session's run trains the student a few steps only: the feedback
+    # vectors have barely left zero, but a model ignoring clicks gives equality.
+    assert np.abs(liked - disliked).max() > 0
+    assert np.abs(liked - unknown).max() > 0
+
+
+def test_clicks_must_be_one_per_item() -> None:
+    with pytest.raises(ValueError, match="clicked holds 1 values for 2 item_ids"):
+        ColdUser({}, (1, 2), (True,))
+
+
+def test_known_users_history_carries_whether_each_item_was_clicked(
+    bundle, pipeline_run
+) -> None:
+    config, _ = pipeline_run
+    interactions, *_ = read_ingested(config.work_dir)
+    events = split_interactions(interactions)
+    known = events[events.split.isin(["train", "valid"])]
+    width = bundle.max_history
+    for user in known_users(bundle)[:20]:
+        mine = known[known.user_id == user].tail(width)
+        batch = bundle._known_batch([user])
+        n = int(batch.history_len[0])
+        assert batch.history[0, :n].tolist() == bundle.space.item_index(
+            mine.item_id
+        ).tolist()
+        codes = batch.history_feedback[0]
+        assert codes[:n].tolist() == feedback_codes(mine.click.to_numpy()).tolist()
+        assert (codes[n:] == FEEDBACK_UNKNOWN).all()
 
 
 def test_warm_recommendations_leave_out_seen_items(bundle) -> None:

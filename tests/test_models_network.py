@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.examples import FEEDBACK_CLICK, FEEDBACK_NO_CLICK, FEEDBACK_UNKNOWN
 from data.features import FeatureSpace
 from models.distill import DistillWeights, Ranked, distillation_loss, ranking_kl
 from models.network import Batch, NetworkConfig, Output, RecNetwork
@@ -54,18 +55,23 @@ def space() -> FeatureSpace:
     return FeatureSpace.build(users, items, features, ["genres"], [1, 2, 3, 4, 6, 7])
 
 
-def make_network(space: FeatureSpace, use_user_id: bool = True, seed: int = 0):
+def make_network(
+    space: FeatureSpace, use_user_id: bool = True, seed: int = 0, feedback: bool = False
+):
     torch.manual_seed(seed)
     config = NetworkConfig.from_space(
-        space, use_user_id, embedding_dim=D, hidden_dim=16
+        space, use_user_id, embedding_dim=D, hidden_dim=16, history_feedback=feedback
     )
     model = RecNetwork(config, space.item_tokens).eval()
     # Trained-looking tables: TorchRec's default init is tiny and would hide
-    # quantization error.
+    # quantization error. The feedback vectors start at zero; training moves
+    # them (the unknown code's row stays zero).
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if "embedding_bags" in name:
                 tensor.normal_(0.0, 0.5)
+        if feedback:
+            model.feedback.weight[1:].normal_(0.0, 0.5)
     return model, config
 
 
@@ -76,7 +82,8 @@ def teacher(space):
 
 @pytest.fixture(scope="module")
 def student(space):
-    return make_network(space, use_user_id=False, seed=1)
+    """The student reads history feedback; the teacher fixture does not."""
+    return make_network(space, use_user_id=False, seed=1, feedback=True)
 
 
 def make_batch(space: FeatureSpace, seed: int = 0, size: int = B) -> Batch:
@@ -87,7 +94,10 @@ def make_batch(space: FeatureSpace, seed: int = 0, size: int = B) -> Batch:
     lengths = rng.integers(1, L + 1, size=size)
     lengths[0], lengths[-1] = L, 0
     history = rng.integers(1, space.num_items, size=(size, L))
-    history[np.arange(L)[None, :] >= lengths[:, None]] = 0
+    past = np.arange(L)[None, :] >= lengths[:, None]
+    history[past] = 0
+    feedback = rng.integers(FEEDBACK_NO_CLICK, FEEDBACK_CLICK + 1, size=(size, L))
+    feedback[past] = FEEDBACK_UNKNOWN
     feats = np.stack(
         [rng.integers(0, vocab[f], size=size) for f in range(n_features)], 1
     )
@@ -99,6 +109,7 @@ def make_batch(space: FeatureSpace, seed: int = 0, size: int = B) -> Batch:
         history_len=torch.from_numpy(lengths),
         label=torch.from_numpy(rng.integers(0, 2, size=size).astype(np.float32)),
         rated=torch.from_numpy((rng.random(size) < 0.6).astype(np.float32)),
+        history_feedback=torch.from_numpy(feedback),
     )
 
 
@@ -128,6 +139,46 @@ def test_attention_sums_to_1_with_history_and_0_without(space, teacher) -> None:
         assert (out.attention[row, n:] == 0).all(), "no weight past the history"
     for tensor in (out.logit, out.user_embedding, out.attention):
         assert torch.isfinite(tensor).all()
+
+
+def test_feedback_network_starts_as_the_network_without_it(space) -> None:
+    config = NetworkConfig.from_space(space, False, embedding_dim=D, hidden_dim=16)
+    torch.manual_seed(5)
+    plain = RecNetwork(config, space.item_tokens).eval()
+    torch.manual_seed(5)
+    reading = RecNetwork(
+        dataclasses.replace(config, history_feedback=True), space.item_tokens
+    ).eval()
+    assert not reading.feedback.weight.any()
+    batch = make_batch(space, seed=4)
+    with torch.no_grad():
+        a, b = plain(batch), reading(batch)
+    assert torch.equal(a.logit, b.logit)
+    assert torch.equal(a.user_embedding, b.user_embedding)
+
+
+def test_clicks_move_the_user_and_unknown_feedback_reads_items_alone(
+    space, student
+) -> None:
+    model, _ = student
+    batch = make_batch(space, seed=6)
+    has_history = batch.history_len > 0
+    inside = torch.arange(L)[None, :] < batch.history_len[:, None]
+
+    def embedding(code):
+        feedback = torch.where(inside, code, FEEDBACK_UNKNOWN)
+        with torch.no_grad():
+            styled = dataclasses.replace(batch, history_feedback=feedback)
+            return model.encode_user(styled)[0]
+
+    clicked, skipped = embedding(FEEDBACK_CLICK), embedding(FEEDBACK_NO_CLICK)
+    unknown = embedding(FEEDBACK_UNKNOWN)
+    assert (clicked - skipped)[has_history].abs().amax(1).min() > 1e-3
+    # Without history, no feedback to read: every row is the same.
+    assert torch.equal(clicked[~has_history], unknown[~has_history])
+    with torch.no_grad():
+        absent = model.encode_user(dataclasses.replace(batch, history_feedback=None))[0]
+    assert torch.equal(absent, unknown)
 
 
 def test_user_without_history_trains_without_nan(space, teacher) -> None:
@@ -510,10 +561,11 @@ def assert_same(a, b) -> None:
     assert torch.equal(scores_a, scores_b)
 
 
-def test_float_network_round_trips(space, teacher, tmp_path: Path) -> None:
-    model, config = teacher
-    save_network(model, config, tmp_path, "teacher")
-    loaded = load_network(tmp_path, "teacher", space)
+@pytest.mark.parametrize("network", ["teacher", "student"])
+def test_float_network_round_trips(space, network, request, tmp_path: Path) -> None:
+    model, config = request.getfixturevalue(network)
+    save_network(model, config, tmp_path, network)
+    loaded = load_network(tmp_path, network, space)
     assert not loaded.training
     assert loaded.config == config
     batch = make_batch(space, seed=11)

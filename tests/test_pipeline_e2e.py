@@ -79,7 +79,11 @@ def test_metrics_cover_every_model_and_cohort(pipeline_run):
     client = MlflowClient(config.tracking_uri)
     run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
     logged = client.get_run(run_id).data.metrics
-    for model in ("popularity", "online_teacher", "ema_teacher", "student", "student_int8"):
+    models = (
+        "popularity", "online_teacher", "ema_teacher", "student", "student_int8",
+        "student_int8_items_only",
+    )  # fmt: skip
+    for model in models:
         for cohort in ("cold", "warm"):
             for metric in ("auc", "log_loss", "recall_at_10", "ndcg_at_10"):
                 name = f"{model}/{cohort}/{metric}"
@@ -88,6 +92,10 @@ def test_metrics_cover_every_model_and_cohort(pipeline_run):
     # Popularity is deterministic on this split: a check on the metric code.
     assert logged["popularity/cold/recall_at_10"] == pytest.approx(0.337, abs=5e-4)
     assert logged["popularity/warm/auc"] == pytest.approx(0.703, abs=5e-4)
+    # The INT8 student reads the onboarding clicks: hiding them changes its scores.
+    for cohort in ("cold", "warm"):
+        name = f"student_int8/{cohort}/log_loss"
+        assert logged[name] != logged[name.replace("int8", "int8_items_only")]
 
 
 def test_quality_table_and_plots_are_artifacts(pipeline_run):

@@ -169,6 +169,41 @@ def test_cold_user_missing_features_are_allowed(client, predictor):
     assert predictor.cold_calls[-1] == ColdUser({}, (2, 2))
 
 
+def test_cold_user_clicks_reach_the_model_item_by_item(client, predictor):
+    users = [{**COLD, "clicked": [True, False, True]}, {"item_ids": [1]}]
+    response = client.post("/v1/embeddings", json={"users": users})
+    assert response.status_code == 200, response.text
+    features = {"gender": "F", "age": "25"}
+    assert predictor.cold_calls[-2:] == [
+        ColdUser(features, (3, 5, 8), (True, False, True)),
+        ColdUser({}, (1,)),
+    ]
+    recommend(client, **COLD, clicked=[False, False, True])
+    expected = ColdUser(features, (3, 5, 8), (False, False, True))
+    assert predictor.cold_calls[-1] == expected
+
+
+@pytest.mark.parametrize("clicked", [[True, False], [True, False, True, True]])
+def test_clicks_not_one_per_item_are_422_naming_the_counts(client, clicked):
+    users = [COLD, {**COLD, "clicked": clicked}]
+    response = client.post("/v1/embeddings", json={"users": users})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "users", 1, "clicked"]
+    assert f"clicked holds {len(clicked)} values for 3 item_ids" in error["msg"]
+    response = client.post("/v1/recommendations", json={**COLD, "clicked": clicked})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "clicked"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_click_that_is_not_true_or_false_is_422(client, value):
+    body = {**COLD, "clicked": [True, value, False]}
+    response = client.post("/v1/recommendations", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][:2] == ["body", "clicked"]
+
+
 def test_unknown_feature_is_422_naming_it(client):
     user = {"features": {"gender": "F", "shoe_size": "44"}, "item_ids": [1]}
     response = client.post("/v1/embeddings", json={"users": [COLD, user]})
