@@ -24,16 +24,17 @@ class ReplayUser:
         cohort: ``warm`` (known to the model) or ``cold`` (new).
         features: side features, sent for cold users.
         item_ids: onboarding items of a cold user; empty for warm users.
-        clicked: whether the cold user clicked each onboarding item.
         test_clicks: held-out items that count as clicks when recommended.
+        clicked: whether the cold user clicked each onboarding item; empty
+            when not known (the request then leaves ``clicked`` out).
     """
 
     user_id: int
     cohort: Cohort
     features: dict[str, str] = field(default_factory=dict)
     item_ids: list[int] = field(default_factory=list)
-    clicked: list[bool] = field(default_factory=list)
     test_clicks: set[int] = field(default_factory=set)
+    clicked: list[bool] = field(default_factory=list)
 
 
 @dataclass

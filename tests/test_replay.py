@@ -12,7 +12,7 @@ import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
@@ -115,7 +115,15 @@ def test_cold_replay_sends_features_and_items_without_user_id(live_server):
     sent = predictor.cold_calls[-1]
     assert sent.features == {"gender": "M", "occupation": "writer"}
     assert sent.item_ids == (5, 6)
+    assert sent.clicked is None, "no onboarding clicks known: none sent"
     assert live_server.reporter.snapshot().impressions["cold"] == 3
+
+
+def test_cold_replay_sends_which_onboarding_items_were_clicked(live_server):
+    predictor = live_server.predictor
+    user = replace(cold_user(predictor, [5, 6, 9], hits=0), clicked=[True, False, True])
+    replay(live_server.url, [user], k=3)
+    assert predictor.cold_calls[-1].clicked == (True, False, True)
 
 
 def test_failed_requests_are_counted_not_raised(live_server):
@@ -159,3 +167,18 @@ def test_cli_replay_samples_limit_users_with_seed(live_server, tmp_path):
     assert live_server.reporter.snapshot().requests["recommendations"] == 4
     with pytest.raises(ValueError, match="limit"):
         replay_from_data(live_server.url, tmp_path, limit=0, load_users=load_users)
+
+
+def test_cold_users_replay_their_onboarding_items_with_their_clicks(ml100k_dir):
+    from data.movielens import load_movielens
+    from pipeline.replay import replay_users
+
+    ratings = load_movielens(ml100k_dir).interactions.set_index(["user_id", "item_id"])
+    cold = [u for u in replay_users(ml100k_dir) if u.cohort == "cold"]
+    assert len(cold) > 150
+    for user in cold:
+        assert len(user.item_ids) == len(user.clicked) == 5
+        clicks = [bool(ratings.at[(user.user_id, i), "click"]) for i in user.item_ids]
+        assert user.clicked == clicks
+    answers = [c for u in cold for c in u.clicked]
+    assert any(answers) and not all(answers)

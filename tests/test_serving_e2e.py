@@ -134,16 +134,22 @@ def read_response(connection: socket.socket) -> bytes:
 
 def test_new_users_get_student_embeddings_in_a_batch(server):
     url, config, _, _ = server
+    writer = {"gender": "F", "age": "31", "occupation": "writer"}
     users = [
-        {"features": {"gender": "F", "age": "31", "occupation": "writer"}, "item_ids": [1, 50]},
+        {"features": writer, "item_ids": [1, 50]},
         {"features": {}, "item_ids": [181]},
+        {"features": writer, "item_ids": [1, 50], "clicked": [True, False]},
     ]
     response = httpx.post(f"{url}/v1/embeddings", json={"users": users})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["source"] == "student_int8"
-    assert len(body["embeddings"]) == 2
+    assert len(body["embeddings"]) == 3
     assert body["embeddings"][0] != body["embeddings"][1]
+    users[2]["clicked"] = [True]
+    response = httpx.post(f"{url}/v1/embeddings", json={"users": users})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "users", 2, "clicked"]
 
 
 def test_recommendations_exclude_seen_items_and_accept_feedback(server):
