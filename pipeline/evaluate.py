@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.examples import Examples, RankingUser  # noqa: E402
+from data.examples import FEEDBACK_UNKNOWN, Examples, RankingUser  # noqa: E402
 from models.network import Batch  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.prepare import Prepared, prepare  # noqa: E402
@@ -112,7 +112,7 @@ def network_rank_scores(model, users: list[RankingUser], num_items: int, max_his
 
 def ranking_batch(users: list[RankingUser], max_history: int) -> Batch:
     history = np.zeros((len(users), max_history), np.int64)
-    feedback = np.zeros((len(users), max_history), np.int64)
+    feedback = np.full((len(users), max_history), FEEDBACK_UNKNOWN, np.int64)
     for row, user in enumerate(users):
         history[row, : len(user.history)] = user.history[-max_history:]
         feedback[row, : len(user.history)] = user.history_feedback[-max_history:]
