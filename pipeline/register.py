@@ -60,12 +60,14 @@ def export_bundle(config: PipelineConfig) -> Path:
     events = split_interactions(interactions)
     known = events[(events.cohort == "warm") & events.split.isin(["train", "valid"])]
     width = config.train.max_history
-    per_user = known.groupby("user_id")["item_id"].agg(list)
-    clicked = known.groupby("user_id")["click"].agg(lambda c: [bool(x) for x in c])
+    per_user = (
+        known.astype({"click": bool}).groupby("user_id")[["item_id", "click"]].agg(list)
+    )
+    items_of, clicks_of = per_user["item_id"], per_user["click"]
     table = users[users.user_id.isin(per_user.index)].copy()
-    table["history"] = table.user_id.map(lambda u: per_user[u][-width:])
-    table["history_clicked"] = table.user_id.map(lambda u: clicked[u][-width:])
-    table["seen"] = table.user_id.map(lambda u: sorted(set(per_user[u])))
+    table["history"] = table.user_id.map(lambda u: items_of[u][-width:])
+    table["history_clicked"] = table.user_id.map(lambda u: clicks_of[u][-width:])
+    table["seen"] = table.user_id.map(lambda u: sorted(set(items_of[u])))
     table.to_parquet(bundle / "users.parquet", index=False)
     items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)
     metrics = json.loads((eval_dir(config.work_dir) / "metrics.json").read_text())
