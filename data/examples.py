@@ -15,16 +15,46 @@ import numpy as np
 import pandas as pd
 
 from data.features import FeatureSpace
+from data.schema import CLICK_THRESHOLD
 
 SEQUENTIAL_SPLITS = ("train", "onboarding")
-# What a history entry says of the user's reaction to its item.
+# What a history entry says of the user's reaction to its item: nothing
+# (also the padding), a click or not, or the 1-5 rating itself (code
+# FEEDBACK_RATING_BASE + rating), which says more than the click it implies.
 FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK = 0, 1, 2
-FEEDBACK_CODES = 3
+FEEDBACK_RATING_BASE = 2
+FEEDBACK_CODES = 3  # unknown and the two click codes
+FEEDBACK_CODES_WITH_RATINGS = FEEDBACK_RATING_BASE + 5 + 1
+# The click code each code implies: a rating code reads as the click it is.
+CLICK_OF_CODE = np.array(
+    [FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK]
+    + [
+        FEEDBACK_CLICK if rating >= CLICK_THRESHOLD else FEEDBACK_NO_CLICK
+        for rating in range(1, 6)
+    ]
+)
 
 
-def feedback_codes(click: np.ndarray) -> np.ndarray:
-    """History feedback codes of logged events with these click labels."""
-    return np.where(np.asarray(click) > 0, FEEDBACK_CLICK, FEEDBACK_NO_CLICK)
+def feedback_codes(click, rating=None) -> np.ndarray:
+    """History feedback codes of logged events.
+
+    Args:
+        click: their click labels.
+        rating: their 1-5 ratings, NaN (or None) where an event has none;
+            an event with a rating gets its rating code, one without its
+            click code.
+    """
+    codes = np.where(np.asarray(click) > 0, FEEDBACK_CLICK, FEEDBACK_NO_CLICK)
+    if rating is None:
+        return codes
+    rating = np.asarray(rating, dtype=np.float64)
+    rating_codes = FEEDBACK_RATING_BASE + np.nan_to_num(rating).round()
+    return np.where(np.isfinite(rating), rating_codes, codes).astype(np.int64)
+
+
+def clicks_only(codes: np.ndarray) -> np.ndarray:
+    """The codes with each rating reduced to the click it implies."""
+    return CLICK_OF_CODE[np.asarray(codes)]
 
 
 @dataclass
@@ -40,7 +70,9 @@ class Examples:
         history_len: ``[N]`` valid history entries.
         history_feedback: ``[N, L]`` the user's reaction to each history item
             (``FEEDBACK_CLICK``, ``FEEDBACK_NO_CLICK``; ``FEEDBACK_UNKNOWN`` as
-            padding and where it is not known).
+            padding and where it is not known; with a rating, the rating's
+            code, see :func:`feedback_codes`).
+        feedback: the code this event has as a history entry of later events.
         label: click (1) or not (0), float32.
         rated: 1 for a logged interaction, 0 for a sampled unseen item.
     """
@@ -52,6 +84,7 @@ class Examples:
     history: np.ndarray
     history_len: np.ndarray
     history_feedback: np.ndarray
+    feedback: np.ndarray
     label: np.ndarray
     rated: np.ndarray
 
@@ -103,7 +136,8 @@ def build_examples(
     rows, length = history_windows(events, max_history)
     item_idx = space.item_index(events["item_id"])
     history = np.where(rows >= 0, item_idx[np.maximum(rows, 0)], 0)
-    codes = feedback_codes(events["click"].to_numpy())
+    ratings = events["rating"].to_numpy() if "rating" in events else None
+    codes = feedback_codes(events["click"].to_numpy(), ratings)
     feedback = np.where(rows >= 0, codes[np.maximum(rows, 0)], FEEDBACK_UNKNOWN)
     user_id = events["user_id"].to_numpy()
     n_features = len(space.user_features)
@@ -117,6 +151,7 @@ def build_examples(
         history=history.astype(np.int64),
         history_len=length.astype(np.int64),
         history_feedback=feedback.astype(np.int64),
+        feedback=codes,
         label=events["click"].to_numpy().astype(np.float32),
         rated=np.ones(len(events), np.float32),
     )
@@ -142,6 +177,7 @@ def sample_negatives(
         if item in seen.get(int(user), ()):
             items[i] = rng.integers(1, num_items)
     repeated.item_idx = items.astype(np.int64)
+    repeated.feedback = np.full(len(repeated), FEEDBACK_UNKNOWN, np.int64)
     repeated.label = np.zeros(len(repeated), np.float32)
     repeated.rated = np.zeros(len(repeated), np.float32)
     return repeated

@@ -18,6 +18,7 @@ import torch
 
 from data.examples import FEEDBACK_UNKNOWN, feedback_codes
 from data.features import FeatureSpace
+from data.schema import CLICK_THRESHOLD
 from models.network import Batch, EncodedUsers
 from models.store import load_network
 
@@ -38,18 +39,26 @@ class ColdUser:
         item_ids: the few items the user has touched, oldest first.
         clicked: whether the user clicked each of ``item_ids``, in the same
             order; None when not known.
+        ratings: the user's 1-5 rating of each of ``item_ids``, in the same
+            order; None when not known. A rating says more than a click: with
+            both, the ratings are read.
     """
 
     features: dict[str, str]
     item_ids: tuple[int, ...]
     clicked: tuple[bool, ...] | None = None
+    ratings: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.clicked is not None and len(self.clicked) != len(self.item_ids):
-            raise ValueError(
-                f"clicked holds {len(self.clicked)} values for "
-                f"{len(self.item_ids)} item_ids; give one per item or none"
-            )
+        for name in ("clicked", "ratings"):
+            answers = getattr(self, name)
+            if answers is not None and len(answers) != len(self.item_ids):
+                raise ValueError(
+                    f"{name} holds {len(answers)} values for "
+                    f"{len(self.item_ids)} item_ids; give one per item or none"
+                )
+        if self.ratings is not None and not all(1 <= r <= 5 for r in self.ratings):
+            raise ValueError(f"ratings must be from 1 to 5, got {list(self.ratings)}")
 
 
 @dataclass(frozen=True)
@@ -195,8 +204,9 @@ class ModelBundle:
             self.space.user_index(user_ids),
             [self.space.encode_user(row) for row in rows],
             [list(row["history"]) for row in rows],
-            # Bundles exported before click feedback was kept have no column.
+            # Bundles exported before feedback was kept have neither column.
             [row.get("history_clicked") for row in rows],
+            [row.get("history_rating") for row in rows],
         )
 
     def _cold_batch(self, users: Sequence[ColdUser]) -> Batch:
@@ -205,18 +215,27 @@ class ModelBundle:
             [self.space.encode_user(u.features) for u in users],
             [list(u.item_ids) for u in users],
             [u.clicked for u in users],
+            [u.ratings for u in users],
         )
 
-    def _batch(self, user_idx, tokens, histories, clicks) -> Batch:
+    def _batch(self, user_idx, tokens, histories, clicks, ratings) -> Batch:
+        """Clicks and ratings are per history, None where not known; a
+        rating that is NaN reads as its event's click."""
         width = self.max_history
         history = np.zeros((len(histories), width), np.int64)
         feedback = np.full((len(histories), width), FEEDBACK_UNKNOWN, np.int64)
         lengths = np.zeros(len(histories), np.int64)
-        for row, (items, clicked) in enumerate(zip(histories, clicks, strict=True)):
+        rows = zip(histories, clicks, ratings, strict=True)
+        for row, (items, clicked, rated) in enumerate(rows):
             index = self.space.item_index(items[-width:])
             history[row, : len(index)] = index
             lengths[row] = len(index)
-            if clicked is not None:
+            if rated is not None:
+                rated = np.asarray(list(rated)[-width:], np.float64)
+                implied = rated >= CLICK_THRESHOLD if clicked is None else clicked
+                codes = feedback_codes(list(implied)[-width:], rated)
+                feedback[row, : len(index)] = codes
+            elif clicked is not None:
                 feedback[row, : len(index)] = feedback_codes(list(clicked)[-width:])
         return Batch(
             user_idx=torch.as_tensor(user_idx, dtype=torch.int64),

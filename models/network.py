@@ -4,8 +4,9 @@ Embeddings are TorchRec ``EmbeddingBagCollection`` tables: one for user id (the
 teacher only), one per user side feature, one for item id and one per item
 feature. A user tower turns the user's inputs and the mean of their history into
 a user embedding. With ``history_feedback``, each history item's vector also
-carries whether the user clicked it (a learned vector per answer, zero where
-not known). The candidate item attends over the history (DIN-style), giving
+carries the user's answer to it (a learned vector per answer, zero where not
+known): whether they clicked it, or with ``feedback_ratings`` the 1-5 rating
+where one is known. The candidate item attends over the history (DIN-style), giving
 attention weights and an interest vector, and a two-output head scores the pair:
 
 - ``like``: will the user click (rate 4 or 5) the item if it is shown to them;
@@ -33,7 +34,12 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from data.examples import FEEDBACK_CODES, FEEDBACK_UNKNOWN
+from data.examples import (
+    CLICK_OF_CODE,
+    FEEDBACK_CODES,
+    FEEDBACK_CODES_WITH_RATINGS,
+    FEEDBACK_UNKNOWN,
+)
 from data.features import FeatureSpace
 
 USER_ID = "user_id"
@@ -142,6 +148,9 @@ class NetworkConfig:
     hidden_dim: int = 64
     use_user_id: bool = True
     history_feedback: bool = False
+    # A vector per 1-5 rating beside the click ones; without, a rating reads
+    # as the click it implies (networks saved before ratings load so).
+    feedback_ratings: bool = False
 
     @classmethod
     def from_space(cls, space: FeatureSpace, use_user_id: bool, **dims) -> "NetworkConfig":
@@ -261,11 +270,14 @@ class RecNetwork(nn.Module):
             # Three codes, a dense parameter rather than an embedding table.
             # Zeros at first, so the network starts as one without it (and
             # draws nothing from the random generator).
+            codes = FEEDBACK_CODES
+            if config.feedback_ratings:
+                codes = FEEDBACK_CODES_WITH_RATINGS
             self.feedback = nn.Embedding(
-                FEEDBACK_CODES,
-                d,
-                padding_idx=FEEDBACK_UNKNOWN,
-                _weight=torch.zeros(FEEDBACK_CODES, d),
+                codes, d, padding_idx=FEEDBACK_UNKNOWN, _weight=torch.zeros(codes, d)
+            )
+            self.register_buffer(
+                "click_of_code", torch.from_numpy(CLICK_OF_CODE), persistent=False
             )
 
     def _register_item_tokens(self, item_tokens: dict[str, list[list[int]]]) -> None:
@@ -318,7 +330,10 @@ class RecNetwork(nn.Module):
         mask = torch.arange(length)[None, :] < batch.history_len[:, None]
         history = self.item_vectors(batch.history)
         if self.config.history_feedback and batch.history_feedback is not None:
-            history = history + self.feedback(batch.history_feedback)
+            codes = batch.history_feedback
+            if not self.config.feedback_ratings:
+                codes = self.click_of_code[codes]
+            history = history + self.feedback(codes)
         history = history * mask[..., None]
         mean = history.sum(1) / batch.history_len.clamp(min=1)[:, None]
         tower_in = torch.cat([self.user_inputs(batch.user_idx, batch.user_feats), mean], 1)

@@ -96,6 +96,19 @@ class TrainConfig(BaseModel):
         True,
         description="the networks read whether the user clicked each history item",
     )
+    history_ratings: bool = Field(
+        True,
+        description="with history_feedback, the networks read the 1-5 rating "
+        "of each history item where the data has one, not only the click",
+    )
+    clicks_only_feedback_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="share of student rows whose history ratings are reduced "
+        "to clicks, as a new user's request may say what they clicked but not "
+        "how they rated it",
+    )
     unknown_feedback_share: float = Field(
         0.2,
         ge=0,
@@ -154,6 +167,18 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(
         0, ge=0, description="teacher steps between checkpoints (0: only at the end)"
     )
+
+    @field_validator("unknown_feedback_share")
+    @classmethod
+    def _feedback_shares(cls, value: float, info: ValidationInfo) -> float:
+        clicks = info.data.get("clicks_only_feedback_share")
+        if clicks is not None and value + clicks > 1:
+            raise ValueError(
+                f"unknown_feedback_share {value} and clicks_only_feedback_share "
+                f"{clicks} are shares of the same rows and add up to more than 1; "
+                "lower one of them"
+            )
+        return value
 
     @field_validator("sharding")
     @classmethod

@@ -27,7 +27,12 @@ import torch  # noqa: E402
 from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.examples import FEEDBACK_UNKNOWN, Examples, RankingUser  # noqa: E402
+from data.examples import (  # noqa: E402
+    FEEDBACK_UNKNOWN,
+    Examples,
+    RankingUser,
+    clicks_only,
+)
 from models.network import Batch  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.prepare import Prepared, prepare  # noqa: E402
@@ -37,35 +42,47 @@ logger = logging.getLogger(__name__)
 
 MODELS = (
     "popularity", "online_teacher", "ema_teacher", "ema_teacher_adaptive", "student",
-    "student_int8", "student_int8_items_only",
+    "student_int8", "student_int8_clicks_only", "student_int8_items_only",
 )  # fmt: skip
 COHORTS = ("cold", "warm")
 USERS_PER_CHUNK = 64
 
 
-class ItemsOnly:
-    """A network read as if no request said which history items were clicked:
-    what serving a new user who sends ``item_ids`` without ``clicked`` gets."""
+class FeedbackView:
+    """A network read as a request with less history feedback would have it:
+    ``items_only`` hides all of it (what a new user who sends ``item_ids``
+    alone gets), ``clicks_only`` reduces ratings to the clicks they imply
+    (what one who sends ``clicked`` without ``ratings`` gets)."""
 
-    def __init__(self, network) -> None:
-        self.network = network
+    def __init__(self, network, view: str) -> None:
+        if view not in ("items_only", "clicks_only"):
+            raise ValueError(f"view must be items_only or clicks_only, not {view!r}")
+        self.network, self.view = network, view
+
+    def _batch(self, batch: Batch) -> Batch:
+        if self.view == "items_only" or batch.history_feedback is None:
+            return replace(batch, history_feedback=None)
+        codes = torch.from_numpy(clicks_only(batch.history_feedback.numpy()))
+        return replace(batch, history_feedback=codes)
 
     def __call__(self, batch: Batch):
-        return self.network(replace(batch, history_feedback=None))
+        return self.network(self._batch(batch))
 
     def score_candidates(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
-        return self.network.score_candidates(
-            replace(batch, history_feedback=None), candidates
-        )
+        return self.network.score_candidates(self._batch(batch), candidates)
 
 
-def with_items_only(models: dict) -> dict:
-    """``models`` plus ``student_int8_items_only`` when the INT8 student reads
-    history feedback."""
+def with_feedback_views(models: dict) -> dict:
+    """``models`` plus the INT8 student read with less feedback, where it reads
+    feedback: ``student_int8_items_only``, and ``student_int8_clicks_only``
+    when it reads ratings."""
     int8 = models.get("student_int8")
     if int8 is None or not int8.config.history_feedback:
         return models
-    return {**models, "student_int8_items_only": ItemsOnly(int8)}
+    views = {"student_int8_items_only": FeedbackView(int8, "items_only")}
+    if int8.config.feedback_ratings:
+        views["student_int8_clicks_only"] = FeedbackView(int8, "clicks_only")
+    return {**models, **views}
 
 
 def eval_dir(work_dir: Path) -> Path:
@@ -251,7 +268,7 @@ def run_evaluate(config: PipelineConfig) -> dict:
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}
-    models = with_items_only(models)
+    models = with_feedback_views(models)
     metrics = evaluate_models(prepared, models, config.eval_k, config.train.max_history)
 
     out = eval_dir(config.work_dir)

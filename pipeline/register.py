@@ -44,8 +44,9 @@ def gate_metrics(metrics: dict, k: int) -> dict[str, float]:
 def export_bundle(config: PipelineConfig) -> Path:
     """Writes ``work_dir/bundle``: networks, vocabularies, known users, catalogue.
 
-    Known users are the warm users, with the history (items and whether each
-    was clicked) and seen items of their train and valid events: what the
+    Known users are the warm users, with the history (items, whether each
+    was clicked and its rating, NaN where the data has none) and seen items
+    of their train and valid events: what the
     model knew when it was trained. Their test events stay unseen, so that
     replaying the test period measures real CTR.
     """
@@ -61,12 +62,16 @@ def export_bundle(config: PipelineConfig) -> Path:
     known = events[(events.cohort == "warm") & events.split.isin(["train", "valid"])]
     width = config.train.max_history
     per_user = (
-        known.astype({"click": bool}).groupby("user_id")[["item_id", "click"]].agg(list)
+        known.astype({"click": bool})
+        .groupby("user_id")[["item_id", "click", "rating"]]
+        .agg(list)
     )
     items_of, clicks_of = per_user["item_id"], per_user["click"]
+    ratings_of = per_user["rating"]
     table = users[users.user_id.isin(per_user.index)].copy()
     table["history"] = table.user_id.map(lambda u: items_of[u][-width:])
     table["history_clicked"] = table.user_id.map(lambda u: clicks_of[u][-width:])
+    table["history_rating"] = table.user_id.map(lambda u: ratings_of[u][-width:])
     table["seen"] = table.user_id.map(lambda u: sorted(set(items_of[u])))
     table.to_parquet(bundle / "users.parquet", index=False)
     items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from data.features import is_missing
 from data.load import load_data
 from data.locate import resolve_data
@@ -13,8 +15,9 @@ from serving.replay import ReplayUser, replay
 
 def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayUser]:
     """Every user with test events: warm users by id, cold users by their side
-    features, onboarding items and which of those they clicked; their test
-    clicks are what they would click."""
+    features, onboarding items, which of those they clicked and how they rated
+    them (when every one has a rating); their test clicks are what they would
+    click."""
     loaded = load_data(resolve_data(data), mapping)
     events = split_interactions(loaded.interactions)
     names = list(loaded.user_features)
@@ -37,10 +40,19 @@ def replay_users(data: Path | None, mapping: Path | None = None) -> list[ReplayU
                 features=features.get(int(user_id), {}) if cohort == "cold" else {},
                 item_ids=[int(i) for i in onboarding.item_id],
                 clicked=[bool(c) for c in onboarding.click],
+                ratings=_ratings(onboarding.rating),
                 test_clicks={int(i) for i in test.loc[test.click == 1, "item_id"]},
             )
         )
     return users
+
+
+def _ratings(ratings: pd.Series) -> list[int]:
+    """The onboarding ratings as ints, or none when any is missing (a log of
+    clicks only); a request holds one per item or none."""
+    if ratings.isna().any():
+        return []
+    return [int(round(r)) for r in ratings]
 
 
 def replay_test_period(

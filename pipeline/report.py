@@ -58,7 +58,10 @@ ROWS = {
     "student_no_ranking": "distilled, without ranking term",
     "student_with_ranking": "distilled, with ranking term (weight 1)",
     "student_int8": "INT8 student",
-    "student_int8_items_only": "INT8 student, no clicks sent (item_ids only)",
+    "student_int8_clicks_only": "INT8 student, clicks sent, no ratings",
+    "student_int8_items_only": (
+        "INT8 student, no ratings or clicks sent (item_ids only)"
+    ),
 }
 COLUMNS = (
     ("cold", "auc"), ("cold", "recall_at_10"), ("warm", "auc"), ("warm", "recall_at_10"),

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data.examples import (
     FEEDBACK_UNKNOWN,
     Examples,
-    feedback_codes,
+    clicks_only,
     sample_negatives,
 )
 from data.split import ONBOARDING_EVENTS
@@ -133,6 +133,7 @@ class Trainer:
             "embedding_dim": config.embedding_dim,
             "hidden_dim": config.hidden_dim,
             "history_feedback": config.history_feedback,
+            "feedback_ratings": config.history_feedback and config.history_ratings,
         }
         space = prepared.space
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
@@ -278,15 +279,16 @@ class Trainer:
         return loss.item()
 
     def cold_style(self, examples: Examples) -> Examples:
-        """Cuts some rows' history to the user's first events, and hides the
-        feedback of some rows' history.
+        """Cuts some rows' history to the user's first events, hides the
+        feedback of some rows' history, and reduces that of some others to
+        clicks.
 
         The student serves new users, who come with a handful of onboarding
         items; training it only on long histories would leave it unused to
         that. The first events of a user precede every later event, so the
         cut history still only holds the past. A new user's request may not
-        say which onboarding items they clicked: the student learns to read
-        such a history too.
+        say how they rated their onboarding items, or even which they
+        clicked: the student learns to read such histories too.
         """
         cut_draws = np.empty(len(examples))
         hide_draws = np.empty(len(examples))
@@ -297,8 +299,11 @@ class Trainer:
             (examples.history_len > ONBOARDING_EVENTS)
             & (cut_draws < self.config.cold_history_share)
         )
-        hide = np.flatnonzero(hide_draws < self.config.unknown_feedback_share)
-        if len(cut) == 0 and len(hide) == 0:
+        unknown = self.config.unknown_feedback_share
+        hide = np.flatnonzero(hide_draws < unknown)
+        clicks_end = unknown + self.config.clicks_only_feedback_share
+        clicks = np.flatnonzero((hide_draws >= unknown) & (hide_draws < clicks_end))
+        if len(cut) == 0 and len(hide) == 0 and len(clicks) == 0:
             return examples
         examples = examples.take(np.arange(len(examples)))  # a copy
         users = examples.user_id[cut]
@@ -308,6 +313,8 @@ class Trainer:
         examples.history_feedback[cut, :ONBOARDING_EVENTS] = self.first_feedback[users]
         examples.history_len[cut] = ONBOARDING_EVENTS
         examples.history_feedback[hide] = FEEDBACK_UNKNOWN
+        feedback = examples.history_feedback
+        feedback[clicks] = clicks_only(feedback[clicks])
         return examples
 
     def _shard_rows(self, examples: Examples) -> Iterator[tuple[int, np.ndarray]]:
@@ -718,7 +725,7 @@ def first_items(examples: Examples, count: int) -> tuple[np.ndarray, np.ndarray]
     early = np.flatnonzero((examples.history_len < count) & (examples.rated == 1))
     where = examples.user_id[early], examples.history_len[early]
     items[where] = examples.item_idx[early]
-    feedback[where] = feedback_codes(examples.label[early])
+    feedback[where] = examples.feedback[early]
     return items, feedback
 
 

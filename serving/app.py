@@ -44,6 +44,7 @@ from serving.reporter import ServingReporter
 from serving.reporters import ReporterFactory, ReporterPool
 from serving.schemas import (
     MAX_ID,
+    ColdUserIn,
     EmbeddingsRequest,
     EmbeddingsResponse,
     FeedbackRequest,
@@ -215,18 +216,20 @@ def _cold_user_errors(
     state: ServingState,
     predictor: Predictor,
     features: dict[str, str],
-    item_ids: list[int],
-    clicked: list[bool] | None,
+    user: ColdUserIn | RecommendationRequest,
     loc: tuple,
 ) -> list[_Error]:
-    """Check a new user's features, items and clicks against the model."""
+    """Check a new user's features, items, clicks and ratings against the model."""
     errors = _feature_errors(predictor, features, loc)
-    if clicked is not None and len(clicked) != len(item_ids):
-        msg = (
-            f"clicked holds {len(clicked)} values for {len(item_ids)} item_ids; "
-            "send one per item, in the same order, or leave clicked out"
-        )
-        errors.append(((*loc, "clicked"), msg, len(clicked)))
+    item_ids = user.item_ids
+    for name in ("clicked", "ratings"):
+        answers = getattr(user, name)
+        if answers is not None and len(answers) != len(item_ids):
+            msg = (
+                f"{name} holds {len(answers)} values for {len(item_ids)} item_ids; "
+                f"send one per item, in the same order, or leave {name} out"
+            )
+            errors.append(((*loc, name), msg, len(answers)))
     max_history = state.settings.max_history
     if len(item_ids) > max_history:
         msg = f"item_ids holds {len(item_ids)} items; send at most {max_history}"
@@ -323,14 +326,11 @@ def cold_embeddings(
         for index, user in enumerate(body.users):
             loc = ("users", index)
             errors += _cold_user_errors(
-                state, model.predictor, user.features, user.item_ids, user.clicked, loc
+                state, model.predictor, user.features, user, loc
             )
         if errors:
             raise _invalid(errors)
-        users = [
-            _to_cold_user(user.features, user.item_ids, user.clicked)
-            for user in body.users
-        ]
+        users = [_to_cold_user(user.features, user) for user in body.users]
         embeddings = model.predictor.cold_embeddings(users)
         logger.debug("cold embeddings for %d users", len(users))
         return EmbeddingsResponse(
@@ -339,12 +339,13 @@ def cold_embeddings(
 
 
 def _to_cold_user(
-    features: dict[str, str] | None, item_ids: list[int], clicked: list[bool] | None
+    features: dict[str, str] | None, user: ColdUserIn | RecommendationRequest
 ) -> ColdUser:
     return ColdUser(
         features=dict(features or {}),
-        item_ids=tuple(item_ids),
-        clicked=None if clicked is None else tuple(clicked),
+        item_ids=tuple(user.item_ids),
+        clicked=None if user.clicked is None else tuple(user.clicked),
+        ratings=None if user.ratings is None else tuple(user.ratings),
     )
 
 
@@ -398,12 +399,10 @@ def _recommend(
             ]
         )
     features = body.features or {}
-    errors = _cold_user_errors(
-        state, predictor, features, body.item_ids, body.clicked, ()
-    )
+    errors = _cold_user_errors(state, predictor, features, body, ())
     if errors:
         raise _invalid(errors)
-    cold = _to_cold_user(features, body.item_ids, body.clicked)
+    cold = _to_cold_user(features, body)
     return "cold", predictor.recommend_cold(cold, body.k)
 
 

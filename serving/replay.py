@@ -27,6 +27,8 @@ class ReplayUser:
         test_clicks: held-out items that count as clicks when recommended.
         clicked: whether the cold user clicked each onboarding item; empty
             when not known (the request then leaves ``clicked`` out).
+        ratings: the cold user's 1-5 rating of each onboarding item; empty
+            when not known (the request then leaves ``ratings`` out).
     """
 
     user_id: int
@@ -35,6 +37,7 @@ class ReplayUser:
     item_ids: list[int] = field(default_factory=list)
     test_clicks: set[int] = field(default_factory=set)
     clicked: list[bool] = field(default_factory=list)
+    ratings: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +149,8 @@ def _request(user: ReplayUser, k: int) -> dict[str, Any]:
     body = {"features": user.features, "item_ids": list(user.item_ids), "k": k}
     if user.clicked:
         body["clicked"] = list(user.clicked)
+    if user.ratings:
+        body["ratings"] = list(user.ratings)
     return body
 
 

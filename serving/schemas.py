@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 MAX_ID = 2**63 - 1
 
 Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
+Rating = Annotated[int, Field(strict=True, ge=1, le=5)]
 Cohort = Literal["warm", "cold"]
 FEATURES_DESCRIPTION = (
     "Side features by name; missing ones count as unknown. A value the model "
@@ -29,6 +30,11 @@ CLICKED_DESCRIPTION = (
     "Whether the new user clicked (liked) each of item_ids, one per item in the "
     "same order. Leave it out when not known: the student then reads the items "
     "alone, which serves new users less well."
+)
+RATINGS_DESCRIPTION = (
+    "The new user's rating (1 to 5) of each of item_ids, one per item in the "
+    "same order. A rating says more than a click: send it where the user gave "
+    "one. With both ratings and clicked, the ratings are read."
 )
 
 
@@ -89,6 +95,7 @@ class ColdUserIn(_Body):
         min_length=1, description="Items the user touched (1 to max_history)."
     )
     clicked: list[StrictBool] | None = Field(None, description=CLICKED_DESCRIPTION)
+    ratings: list[Rating] | None = Field(None, description=RATINGS_DESCRIPTION)
 
 
 class EmbeddingsRequest(_Body):
@@ -124,6 +131,7 @@ class RecommendationRequest(_Body):
         description="Items a new user touched, oldest first (1 to max_history).",
     )
     clicked: list[StrictBool] | None = Field(None, description=CLICKED_DESCRIPTION)
+    ratings: list[Rating] | None = Field(None, description=RATINGS_DESCRIPTION)
     k: int = Field(10, strict=True, ge=1, description="Items wanted (1 to max_k).")
 
 

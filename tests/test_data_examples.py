@@ -11,8 +11,10 @@ import pytest
 from data.examples import (
     FEEDBACK_CLICK,
     FEEDBACK_NO_CLICK,
+    FEEDBACK_RATING_BASE,
     FEEDBACK_UNKNOWN,
     build_examples,
+    clicks_only,
     history_windows,
     ranking_users,
     sample_negatives,
@@ -135,6 +137,36 @@ def test_history_feedback_is_whether_each_history_event_was_a_click(world) -> No
         assert (examples.history_feedback[row, n:] == FEEDBACK_UNKNOWN).all()
     used = set(np.unique(examples.history_feedback).tolist())
     assert used == {FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK}
+
+
+def test_history_feedback_is_the_rating_where_an_event_has_one(world) -> None:
+    events, space, tokens, _, _ = world
+    rng = np.random.default_rng(3)
+    events = events.copy()
+    rating = np.where(events.click == 1, rng.integers(4, 6, len(events)), 0)
+    rating = np.where(events.click == 0, rng.integers(1, 4, len(events)), rating)
+    events["rating"] = np.where(rng.random(len(events)) < 0.3, np.nan, rating)
+    click_code = np.where(events.click == 1, FEEDBACK_CLICK, FEEDBACK_NO_CLICK)
+    events["code"] = np.where(
+        events.rating.isna(), click_code, FEEDBACK_RATING_BASE + events.rating.fillna(0)
+    ).astype(int)
+    examples = build_examples(events, space, tokens, max_history=4)
+    assert examples.feedback.tolist() == events.code.tolist()
+    for row, codes in enumerate(expected_contexts(events, "code")):
+        n = examples.history_len[row]
+        assert examples.history_feedback[row, :n].tolist() == codes[-4:], row
+    used = set(np.unique(examples.history_feedback).tolist())
+    ratings = {FEEDBACK_RATING_BASE + r for r in range(1, 6)}
+    assert used == {FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK} | ratings
+    # Reduced to clicks, a rating is the click it implies (4 and up).
+    reduced = clicks_only(examples.history_feedback)
+    assert set(np.unique(reduced).tolist()) == {
+        FEEDBACK_UNKNOWN, FEEDBACK_NO_CLICK, FEEDBACK_CLICK
+    }  # fmt: skip
+    rated = examples.history_feedback > FEEDBACK_CLICK
+    liked = examples.history_feedback >= FEEDBACK_RATING_BASE + 4
+    assert (reduced[rated & liked] == FEEDBACK_CLICK).all()
+    assert (reduced[rated & ~liked] == FEEDBACK_NO_CLICK).all()
 
 
 def test_history_never_holds_the_event_or_later_ones(world) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.examples import FEEDBACK_UNKNOWN, feedback_codes
+from data.examples import FEEDBACK_CLICK, FEEDBACK_UNKNOWN, feedback_codes
 from data.split import split_interactions
 from models.bundle import ColdUser, ModelBundle, load_bundle
 from pipeline.ingest import read_ingested
@@ -128,12 +128,36 @@ def test_a_new_users_clicks_change_their_embedding(bundle) -> None:
     assert np.abs(liked - unknown).max() > 0
 
 
+def test_a_new_users_ratings_say_more_than_their_clicks(bundle) -> None:
+    items = tuple(int(i) for i in bundle.space.item_ids[:5])
+    features = {"gender": "F"}
+    loved, liked, clicked = (
+        bundle.cold_embeddings([ColdUser(features, items, clicks, ratings)])[0]
+        for clicks, ratings in (
+            (None, (5,) * 5),
+            (None, (4,) * 5),
+            ((True,) * 5, None),
+        )
+    )
+    assert np.abs(loved - liked).max() > 0, "two ratings, both clicks: apart"
+    assert np.abs(liked - clicked).max() > 0, "a rating is not just its click"
+    # With both, the ratings are read.
+    both = bundle.cold_embeddings([ColdUser(features, items, (False,) * 5, (5,) * 5)])
+    np.testing.assert_array_equal(both[0], loved)
+
+
 def test_clicks_must_be_one_per_item() -> None:
     with pytest.raises(ValueError, match="clicked holds 1 values for 2 item_ids"):
         ColdUser({}, (1, 2), (True,))
 
 
-def test_known_users_history_carries_whether_each_item_was_clicked(
+@pytest.mark.parametrize("ratings", [(4,), (4, 6), (0, 3)])
+def test_ratings_must_be_one_per_item_from_1_to_5(ratings) -> None:
+    with pytest.raises(ValueError, match="ratings holds 1 values|from 1 to 5"):
+        ColdUser({}, (1, 2), None, ratings)
+
+
+def test_known_users_history_carries_how_each_item_was_rated(
     bundle, pipeline_run
 ) -> None:
     config, _ = pipeline_run
@@ -149,7 +173,9 @@ def test_known_users_history_carries_whether_each_item_was_clicked(
             mine.item_id
         ).tolist()
         codes = batch.history_feedback[0]
-        assert codes[:n].tolist() == feedback_codes(mine.click.to_numpy()).tolist()
+        expected = feedback_codes(mine.click.to_numpy(), mine.rating.to_numpy())
+        assert codes[:n].tolist() == expected.tolist()
+        assert (expected > FEEDBACK_CLICK).all(), "each MovieLens event has a rating"
         assert (codes[n:] == FEEDBACK_UNKNOWN).all()
 
 

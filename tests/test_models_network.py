@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.examples import FEEDBACK_CLICK, FEEDBACK_NO_CLICK, FEEDBACK_UNKNOWN
+from data.examples import (
+    FEEDBACK_CLICK,
+    FEEDBACK_CODES,
+    FEEDBACK_CODES_WITH_RATINGS,
+    FEEDBACK_NO_CLICK,
+    FEEDBACK_RATING_BASE,
+    FEEDBACK_UNKNOWN,
+)
 from data.features import FeatureSpace
 from models.distill import DistillWeights, Ranked, distillation_loss, ranking_kl
 from models.network import Batch, NetworkConfig, Output, RecNetwork
@@ -56,11 +63,20 @@ def space() -> FeatureSpace:
 
 
 def make_network(
-    space: FeatureSpace, use_user_id: bool = True, seed: int = 0, feedback: bool = False
+    space: FeatureSpace,
+    use_user_id: bool = True,
+    seed: int = 0,
+    feedback: bool = False,
+    ratings: bool = False,
 ):
     torch.manual_seed(seed)
     config = NetworkConfig.from_space(
-        space, use_user_id, embedding_dim=D, hidden_dim=16, history_feedback=feedback
+        space,
+        use_user_id,
+        embedding_dim=D,
+        hidden_dim=16,
+        history_feedback=feedback,
+        feedback_ratings=ratings,
     )
     model = RecNetwork(config, space.item_tokens).eval()
     # Trained-looking tables: TorchRec's default init is tiny and would hide
@@ -179,6 +195,36 @@ def test_clicks_move_the_user_and_unknown_feedback_reads_items_alone(
     with torch.no_grad():
         absent = model.encode_user(dataclasses.replace(batch, history_feedback=None))[0]
     assert torch.equal(absent, unknown)
+
+
+@pytest.mark.parametrize("ratings", [False, True])
+def test_ratings_are_read_only_by_a_network_with_rating_vectors(space, ratings) -> None:
+    model, _ = make_network(
+        space, use_user_id=False, seed=2, feedback=True, ratings=ratings
+    )
+    batch = make_batch(space, seed=7)
+    has_history = batch.history_len > 0
+    inside = torch.arange(L)[None, :] < batch.history_len[:, None]
+
+    def embedding(code):
+        feedback = torch.where(inside, code, FEEDBACK_UNKNOWN)
+        with torch.no_grad():
+            styled = dataclasses.replace(batch, history_feedback=feedback)
+            return model.encode_user(styled)[0]
+
+    loved = embedding(FEEDBACK_RATING_BASE + 5)
+    liked = embedding(FEEDBACK_RATING_BASE + 4)
+    panned, clicked = embedding(FEEDBACK_RATING_BASE + 1), embedding(FEEDBACK_CLICK)
+    skipped = embedding(FEEDBACK_NO_CLICK)
+    if ratings:
+        assert model.feedback.num_embeddings == FEEDBACK_CODES_WITH_RATINGS
+        assert (loved - liked)[has_history].abs().amax(1).min() > 1e-3
+        assert (liked - clicked)[has_history].abs().amax(1).min() > 1e-3
+    else:
+        # A rating reads as the click it implies: 4 and 5 are clicks, 1 is not.
+        assert model.feedback.num_embeddings == FEEDBACK_CODES
+        assert torch.equal(loved, clicked) and torch.equal(liked, clicked)
+        assert torch.equal(panned, skipped)
 
 
 def test_user_without_history_trains_without_nan(space, teacher) -> None:

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from data.examples import FEEDBACK_CLICK, FEEDBACK_NO_CLICK, FEEDBACK_UNKNOWN
+from data.examples import FEEDBACK_CLICK, FEEDBACK_UNKNOWN, clicks_only
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.ingest import run_ingest
 from pipeline.prepare import data_shard, prepare
@@ -109,35 +109,48 @@ def test_no_ranking_rows_when_no_student_ranks(prepared):
     assert trainer.ranking_batches(examples, examples) is None
 
 
-def test_student_rows_are_cut_to_first_events_or_lose_their_feedback(prepared):
-    """A cut row reads the user's first items with the clicks they got; a row
-    whose feedback is hidden keeps its items, every code unknown."""
-    config = TrainConfig(epochs=1, cold_history_share=0.5, unknown_feedback_share=0.3)
+def test_student_rows_are_cut_to_first_events_or_lose_some_of_their_feedback(
+    prepared,
+):
+    config = TrainConfig(
+        epochs=1,
+        cold_history_share=0.5,
+        unknown_feedback_share=0.3,
+        clicks_only_feedback_share=0.3,
+    )
     trainer = Trainer(prepared, config)
     examples = next(trainer.epoch_batches(0))
     styled = trainer.cold_style(examples)
     cut = styled.history_len != examples.history_len
     kept = np.flatnonzero(~cut & (examples.history_len > 0))
     hidden = kept[(styled.history_feedback[kept] == FEEDBACK_UNKNOWN).all(1)]
-    assert 0.35 < cut.mean() < 0.65 and 0.2 < len(hidden) / len(kept) < 0.4
-    first = {}  # the first events of every train user: (item, click) in order
+    as_clicks = clicks_only(examples.history_feedback)
+    reduced = kept[
+        (styled.history_feedback[kept] == as_clicks[kept]).all(1)
+        & (styled.history_feedback[kept] != examples.history_feedback[kept]).any(1)
+    ]
+    assert 0.35 < cut.mean() < 0.65
+    assert 0.2 < len(hidden) / len(kept) < 0.4
+    assert 0.2 < len(reduced) / len(kept) < 0.4
+    first = {}  # the first events of every train user: (item, code) in order
     train = prepared.select("warm", "train")
     for row in np.flatnonzero((train.history_len < 5) & (train.rated == 1)):
         first.setdefault(int(train.user_id[row]), {})[int(train.history_len[row])] = (
             int(train.item_idx[row]),
-            int(train.label[row]),
+            int(train.feedback[row]),
         )
-    codes = {0: FEEDBACK_NO_CLICK, 1: FEEDBACK_CLICK}
     for row in np.flatnonzero(cut)[:200]:
         events = first[int(styled.user_id[row])]
         assert styled.history_len[row] == 5
         assert styled.history[row, :5].tolist() == [events[n][0] for n in range(5)]
         seen = styled.history_feedback[row, :5].tolist()
-        hidden_row = all(code == FEEDBACK_UNKNOWN for code in seen)
-        assert hidden_row or seen == [codes[events[n][1]] for n in range(5)]
+        codes = [events[n][1] for n in range(5)]
+        assert min(codes) > FEEDBACK_CLICK, "MovieLens events carry their rating"
+        views = ([FEEDBACK_UNKNOWN] * 5, codes, clicks_only(codes).tolist())
+        assert seen in views, row
     for row in kept:
         assert np.array_equal(styled.history[row], examples.history[row])
-        if row not in hidden:
+        if row not in hidden and row not in reduced:
             assert np.array_equal(
                 styled.history_feedback[row], examples.history_feedback[row]
             )

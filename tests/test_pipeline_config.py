@@ -98,6 +98,21 @@ def test_valid_edges_are_accepted(tmp_path: Path) -> None:
     assert config.train.model_dump(include=set(train)) == train
 
 
+def test_feedback_shares_of_the_same_rows_must_not_add_up_past_one(
+    tmp_path: Path,
+) -> None:
+    train = {"unknown_feedback_share": 0.7, "clicks_only_feedback_share": 0.5}
+    path = write_config(tmp_path / "config.json", train)
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: field 'train.unknown_feedback_share'")
+    assert "clicks_only_feedback_share 0.5" in message and "more than 1" in message
+    train["clicks_only_feedback_share"] = 0.3
+    config = PipelineConfig.from_file(write_config(tmp_path / "ok.json", train))
+    assert config.train.unknown_feedback_share == 0.7
+
+
 def test_every_problem_is_listed_one_per_line(tmp_path: Path) -> None:
     train = {"epochs": -1, "batch_size": 0, "lr": 0, "cold_history_share": 1.5}
     path = write_config(tmp_path / "config.json", train)

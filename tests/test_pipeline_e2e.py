@@ -81,7 +81,7 @@ def test_metrics_cover_every_model_and_cohort(pipeline_run):
     logged = client.get_run(run_id).data.metrics
     models = (
         "popularity", "online_teacher", "ema_teacher", "student", "student_int8",
-        "student_int8_items_only",
+        "student_int8_clicks_only", "student_int8_items_only",
     )  # fmt: skip
     for model in models:
         for cohort in ("cold", "warm"):
@@ -92,9 +92,11 @@ def test_metrics_cover_every_model_and_cohort(pipeline_run):
     # Popularity is deterministic on this split: a check on the metric code.
     assert logged["popularity/cold/recall_at_10"] == pytest.approx(0.337, abs=5e-4)
     assert logged["popularity/warm/auc"] == pytest.approx(0.703, abs=5e-4)
-    # The INT8 student reads the onboarding clicks: hiding them changes its scores.
+    # The INT8 student reads the onboarding ratings: reducing them to clicks,
+    # or hiding them, changes its scores.
     for cohort in ("cold", "warm"):
         name = f"student_int8/{cohort}/log_loss"
+        assert logged[name] != logged[name.replace("int8", "int8_clicks_only")]
         assert logged[name] != logged[name.replace("int8", "int8_items_only")]
 
 

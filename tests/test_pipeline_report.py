@@ -75,7 +75,7 @@ def test_report_over_two_seeds_lands_in_mlflow(mlflow_server, ml100k_dir, tmp_pa
         expected = (
             key in trained
             or not key.startswith("student_")
-            or key.startswith("student_int8")  # with clicks sent and without
+            or key.startswith("student_int8")  # with ratings, clicks or neither sent
         )
         assert (f"| {label} |" in result["table"]) == expected, label
     # The embedding term is off by default: its row adds it, none removes it.

@@ -116,6 +116,7 @@ def test_cold_replay_sends_features_and_items_without_user_id(live_server):
     assert sent.features == {"gender": "M", "occupation": "writer"}
     assert sent.item_ids == (5, 6)
     assert sent.clicked is None, "no onboarding clicks known: none sent"
+    assert sent.ratings is None, "no onboarding ratings known: none sent"
     assert live_server.reporter.snapshot().impressions["cold"] == 3
 
 
@@ -124,6 +125,13 @@ def test_cold_replay_sends_which_onboarding_items_were_clicked(live_server):
     user = replace(cold_user(predictor, [5, 6, 9], hits=0), clicked=[True, False, True])
     replay(live_server.url, [user], k=3)
     assert predictor.cold_calls[-1].clicked == (True, False, True)
+
+
+def test_cold_replay_sends_how_onboarding_items_were_rated(live_server):
+    predictor = live_server.predictor
+    user = replace(cold_user(predictor, [5, 6, 9], hits=0), ratings=[5, 1, 4])
+    replay(live_server.url, [user], k=3)
+    assert predictor.cold_calls[-1].ratings == (5, 1, 4)
 
 
 def test_failed_requests_are_counted_not_raised(live_server):
@@ -169,7 +177,9 @@ def test_cli_replay_samples_limit_users_with_seed(live_server, tmp_path):
         replay_from_data(live_server.url, tmp_path, limit=0, load_users=load_users)
 
 
-def test_cold_users_replay_their_onboarding_items_with_their_clicks(ml100k_dir):
+def test_cold_users_replay_their_onboarding_items_with_their_clicks_and_ratings(
+    ml100k_dir,
+):
     from data.movielens import load_movielens
     from pipeline.replay import replay_users
 
@@ -177,8 +187,10 @@ def test_cold_users_replay_their_onboarding_items_with_their_clicks(ml100k_dir):
     cold = [u for u in replay_users(ml100k_dir) if u.cohort == "cold"]
     assert len(cold) > 150
     for user in cold:
-        assert len(user.item_ids) == len(user.clicked) == 5
+        assert len(user.item_ids) == len(user.clicked) == len(user.ratings) == 5
         clicks = [bool(ratings.at[(user.user_id, i), "click"]) for i in user.item_ids]
         assert user.clicked == clicks
+        given = [int(ratings.at[(user.user_id, i), "rating"]) for i in user.item_ids]
+        assert user.ratings == given
     answers = [c for u in cold for c in u.clicked]
     assert any(answers) and not all(answers)

@@ -196,6 +196,40 @@ def test_clicks_not_one_per_item_are_422_naming_the_counts(client, clicked):
     assert response.json()["detail"][0]["loc"] == ["body", "clicked"]
 
 
+def test_cold_user_ratings_reach_the_model_item_by_item(client, predictor):
+    both = {**COLD, "clicked": [True] * 3, "ratings": [1] * 3}
+    users = [{**COLD, "ratings": [5, 2, 4]}, both]
+    response = client.post("/v1/embeddings", json={"users": users})
+    assert response.status_code == 200, response.text
+    features = {"gender": "F", "age": "25"}
+    assert predictor.cold_calls[-2:] == [
+        ColdUser(features, (3, 5, 8), None, (5, 2, 4)),
+        ColdUser(features, (3, 5, 8), (True,) * 3, (1,) * 3),
+    ]
+    recommend(client, **COLD, ratings=[3, 3, 4])
+    assert predictor.cold_calls[-1] == ColdUser(features, (3, 5, 8), None, (3, 3, 4))
+
+
+def test_ratings_not_one_per_item_are_422_naming_the_counts(client):
+    users = [COLD, {**COLD, "ratings": [4, 4]}]
+    response = client.post("/v1/embeddings", json={"users": users})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "users", 1, "ratings"]
+    assert "ratings holds 2 values for 3 item_ids" in error["msg"]
+    response = client.post("/v1/recommendations", json={**COLD, "ratings": [5] * 4})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "ratings"]
+
+
+@pytest.mark.parametrize("value", [0, 6, 4.5, "4", True, None])
+def test_a_rating_that_is_not_an_integer_from_1_to_5_is_422(client, value):
+    body = {**COLD, "ratings": [4, value, 2]}
+    response = client.post("/v1/recommendations", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][:3] == ["body", "ratings", 1]
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_a_click_that_is_not_true_or_false_is_422(client, value):
     body = {**COLD, "clicked": [True, value, False]}
