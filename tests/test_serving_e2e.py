@@ -139,17 +139,23 @@ def test_new_users_get_student_embeddings_in_a_batch(server):
         {"features": writer, "item_ids": [1, 50]},
         {"features": {}, "item_ids": [181]},
         {"features": writer, "item_ids": [1, 50], "clicked": [True, False]},
+        {"features": writer, "item_ids": [1, 50], "ratings": [5, 2]},
     ]
     response = httpx.post(f"{url}/v1/embeddings", json={"users": users})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["source"] == "student_int8"
-    assert len(body["embeddings"]) == 3
+    assert len(body["embeddings"]) == 4
     assert body["embeddings"][0] != body["embeddings"][1]
+    # Same items, told more each time: items, then clicks, then ratings.
+    told = [tuple(body["embeddings"][n]) for n in (0, 2, 3)]
+    assert len(set(told)) == 3
     users[2]["clicked"] = [True]
+    users[3]["ratings"] = [5, 2, 4]
     response = httpx.post(f"{url}/v1/embeddings", json={"users": users})
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "users", 2, "clicked"]
+    locs = [error["loc"] for error in response.json()["detail"]]
+    assert locs == [["body", "users", 2, "clicked"], ["body", "users", 3, "ratings"]]
 
 
 def test_recommendations_exclude_seen_items_and_accept_feedback(server):
