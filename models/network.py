@@ -266,8 +266,9 @@ class RecNetwork(nn.Module):
         self.key = nn.Linear(d, d, bias=False)
         self.head = PairHead([5 * d, config.hidden_dim, config.hidden_dim // 2, 2])
         if config.history_feedback:
-            # Added to each history item's vector: whether the user clicked it.
-            # Three codes, a dense parameter rather than an embedding table.
+            # Added to each history item's vector: the user's answer to it.
+            # Three codes (eight with ratings), a dense parameter rather than
+            # an embedding table.
             # Zeros at first, so the network starts as one without it (and
             # draws nothing from the random generator).
             codes = FEEDBACK_CODES
