@@ -173,19 +173,25 @@ def test_feedback_network_starts_as_the_network_without_it(space) -> None:
     assert torch.equal(a.user_embedding, b.user_embedding)
 
 
+def embedding_with_feedback(model, batch: Batch, code: int) -> torch.Tensor:
+    """The user embeddings of ``batch`` with every history entry's feedback
+    set to ``code``."""
+    inside = torch.arange(L)[None, :] < batch.history_len[:, None]
+    feedback = torch.where(inside, code, FEEDBACK_UNKNOWN)
+    with torch.no_grad():
+        styled = dataclasses.replace(batch, history_feedback=feedback)
+        return model.encode_user(styled)[0]
+
+
 def test_clicks_move_the_user_and_unknown_feedback_reads_items_alone(
     space, student
 ) -> None:
     model, _ = student
     batch = make_batch(space, seed=6)
     has_history = batch.history_len > 0
-    inside = torch.arange(L)[None, :] < batch.history_len[:, None]
 
     def embedding(code):
-        feedback = torch.where(inside, code, FEEDBACK_UNKNOWN)
-        with torch.no_grad():
-            styled = dataclasses.replace(batch, history_feedback=feedback)
-            return model.encode_user(styled)[0]
+        return embedding_with_feedback(model, batch, code)
 
     clicked, skipped = embedding(FEEDBACK_CLICK), embedding(FEEDBACK_NO_CLICK)
     unknown = embedding(FEEDBACK_UNKNOWN)
@@ -204,13 +210,9 @@ def test_ratings_are_read_only_by_a_network_with_rating_vectors(space, ratings) 
     )
     batch = make_batch(space, seed=7)
     has_history = batch.history_len > 0
-    inside = torch.arange(L)[None, :] < batch.history_len[:, None]
 
     def embedding(code):
-        feedback = torch.where(inside, code, FEEDBACK_UNKNOWN)
-        with torch.no_grad():
-            styled = dataclasses.replace(batch, history_feedback=feedback)
-            return model.encode_user(styled)[0]
+        return embedding_with_feedback(model, batch, code)
 
     loved = embedding(FEEDBACK_RATING_BASE + 5)
     liked = embedding(FEEDBACK_RATING_BASE + 4)
