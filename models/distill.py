@@ -4,10 +4,11 @@
   the same space as warm ones;
 - attention: KL divergence from the teacher's attention weights over the same
   history, for rows that have one;
-- click: binary cross-entropy to the teacher's probabilities: the interaction
-  head on every row, the click (like) head on the rated rows only, as in the
-  label loss (a sampled item was never shown, so the teacher's click
-  probability for it is no target);
+- click: binary cross-entropy to the teacher's click (like) probabilities, on
+  the rated rows only, as in the label loss (a sampled item was never shown,
+  so the teacher's click probability for it is no target);
+- interact: binary cross-entropy to the teacher's interaction probabilities,
+  on every row;
 - ranking: KL divergence from the teacher's distribution over a sampled set of
   catalogue items (a softmax of its ranking scores) to the student's, for a
   sample of rows: which items the teacher would put first, not only how it
@@ -42,6 +43,7 @@ class DistillWeights:
     attention: float = 1.0
     click: float = 1.0
     ranking: float = 0.0  # needs candidates to score: see ``Ranked``
+    interact: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ def distillation_loss(
         "embedding": F.mse_loss(student.user_embedding, teacher.user_embedding),
         "attention": _attention_kl(student.attention, teacher.attention, count),
         "click": _click_cross_entropy(student, teacher, rated, count),
+        "interact": F.binary_cross_entropy_with_logits(
+            student.interact_logit, torch.sigmoid(teacher.interact_logit)
+        ),
     }
     if ranked is not None:
         terms["ranking"] = ranking_kl(ranked.student, ranked.teacher, count)
@@ -97,16 +102,13 @@ def label_loss(
 def _click_cross_entropy(
     student: Output, teacher: Output, rated: torch.Tensor, count: Count = _own
 ):
-    """Cross-entropy to the teacher's probabilities: the interaction head on every
-    row, the click head on the rated rows alone, as in :func:`label_loss` (the
-    teacher's click probability of a sampled item, never shown, is no target)."""
-    interact = F.binary_cross_entropy_with_logits(
-        student.interact_logit, torch.sigmoid(teacher.interact_logit)
-    )
+    """Cross-entropy to the teacher's click probabilities on the rated rows
+    alone, as in :func:`label_loss` (the teacher's click probability of a
+    sampled item, never shown, is no target)."""
     like = F.binary_cross_entropy_with_logits(
         student.logit, torch.sigmoid(teacher.logit), reduction="none"
     )
-    return interact + (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
+    return (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
 
 
 def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, count: Count = _own):

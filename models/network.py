@@ -151,6 +151,10 @@ class NetworkConfig:
     # A vector per 1-5 rating beside the click ones; without, a rating reads
     # as the click it implies (networks saved before ratings load so).
     feedback_ratings: bool = False
+    # The interaction logit starts from log(1 + the item's train
+    # interactions) (buffer ``item_log_count``, filled by the trainer): the
+    # network learns how a user departs from popularity, not popularity too.
+    popularity_offset: bool = False
 
     @classmethod
     def from_space(cls, space: FeatureSpace, use_user_id: bool, **dims) -> "NetworkConfig":
@@ -265,6 +269,8 @@ class RecNetwork(nn.Module):
         self.query = nn.Linear(d, d, bias=False)
         self.key = nn.Linear(d, d, bias=False)
         self.head = PairHead([5 * d, config.hidden_dim, config.hidden_dim // 2, 2])
+        if config.popularity_offset:
+            self.register_buffer("item_log_count", torch.zeros(config.num_items))
         if config.history_feedback:
             # Added to each history item's vector: the user's answer to it.
             # Three codes (eight with ratings), a dense parameter rather than
@@ -348,8 +354,13 @@ class RecNetwork(nn.Module):
         user, history, mask = self.encode_user(batch)
         listed = batch.item_idx.dim() == 2
         items = self.item_vectors(batch.item_idx)  # [B, D] or [B, N, D]
+        item_idx = batch.item_idx if listed else batch.item_idx[:, None]
         logits, attention = self._score(
-            user, history, mask, items if listed else items[:, None, :]
+            user,
+            history,
+            mask,
+            items if listed else items[:, None, :],
+            offset=self._offset(item_idx),
         )
         if listed:
             return Output(logits[..., 0], logits[..., 1], user, attention)
@@ -397,12 +408,22 @@ class RecNetwork(nn.Module):
         size = users.user.shape[0]
         items = cache.items[None].expand(size, -1, -1)  # [B, N, D]
         queries = cache.queries[None].expand(size, -1, -1)  # [B, N, D]
-        logits, _ = self._score(users.user, users.history, users.mask, items, queries)
+        offset = self._offset(cache.candidates[None])
+        logits, _ = self._score(
+            users.user, users.history, users.mask, items, queries, offset
+        )
         return rank_score(logits)
 
-    def _score(self, user, history, mask, items, queries=None):
+    def _offset(self, item_idx: torch.Tensor) -> torch.Tensor | None:
+        """The interaction logit's popularity offset of ``item_idx``, or None."""
+        if not self.config.popularity_offset:
+            return None
+        return self.item_log_count[item_idx]
+
+    def _score(self, user, history, mask, items, queries=None, offset=None):
         """user [B, D], history [B, L, D], mask [B, L], items [B, N, D];
-        queries [B, N, D] is ``query(items)``, computed here when ``None``."""
+        queries [B, N, D] is ``query(items)``, computed here when ``None``;
+        offset [B or 1, N] is added to the interaction logit."""
         d = self.config.embedding_dim
         queries = self.query(items) if queries is None else queries
         scores = torch.einsum("bnd,bld->bnl", queries, self.key(history))
@@ -415,5 +436,8 @@ class RecNetwork(nn.Module):
         user_n = user[:, None, :].expand_as(items)
         # The dot product keeps user and item embeddings in one retrieval space.
         dot = (user_n * items).sum(-1)
-        logits = torch.stack([logits[..., 0], logits[..., 1] + dot], -1)
+        interact = logits[..., 1] + dot
+        if offset is not None:
+            interact = interact + offset
+        logits = torch.stack([logits[..., 0], interact], -1)
         return logits, attention  # [B, N, 2], [B, N, L]

@@ -96,6 +96,11 @@ class TrainConfig(BaseModel):
         True,
         description="the networks read whether the user clicked each history item",
     )
+    popularity_offset: bool = Field(
+        False,
+        description="both networks' interaction logit starts from the log of "
+        "the item's train interactions; they learn the user's departure from it",
+    )
     history_ratings: bool = Field(
         True,
         description="with history_feedback, the networks read the 1-5 rating "
@@ -128,6 +133,12 @@ class TrainConfig(BaseModel):
     )
     distill_click: float = Field(
         1.0, ge=0, description="weight of the click distillation loss"
+    )
+    distill_interact: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the interaction distillation loss (the "
+        "teacher's probability that the user picks each row's item)",
     )
     distill_ranking: float = Field(
         0.0,

@@ -40,7 +40,7 @@ from pipeline.train import (
 logger = logging.getLogger(__name__)
 
 REPORT_EXPERIMENT = "emarec-report"
-DISTILL_TERMS = ("embedding", "attention", "click", "ranking")
+DISTILL_TERMS = ("embedding", "attention", "click", "interact", "ranking")
 ROWS = {
     "popularity": "popularity",
     "online_teacher": "online teacher",
@@ -55,6 +55,8 @@ ROWS = {
     "student_with_attention": "distilled, with attention term (weight 1)",
     "student_no_click": "distilled, without click term",
     "student_with_click": "distilled, with click term (weight 1)",
+    "student_no_interact": "distilled, without interaction term",
+    "student_with_interact": "distilled, with interaction term (weight 1)",
     "student_no_ranking": "distilled, without ranking term",
     "student_with_ranking": "distilled, with ranking term (weight 1)",
     "student_int8": "INT8 student",
@@ -78,7 +80,14 @@ def variants(weights: DistillWeights) -> dict[str, StudentVariant]:
     table = {
         MAIN_STUDENT: StudentVariant(weights),
         "student_no_distill": StudentVariant(
-            replace(weights, embedding=0.0, attention=0.0, click=0.0, ranking=0.0)
+            replace(
+                weights,
+                embedding=0.0,
+                attention=0.0,
+                click=0.0,
+                interact=0.0,
+                ranking=0.0,
+            )
         ),
         "student_online_teacher": StudentVariant(weights, source="online"),
     }

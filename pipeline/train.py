@@ -134,12 +134,16 @@ class Trainer:
             "hidden_dim": config.hidden_dim,
             "history_feedback": config.history_feedback,
             "feedback_ratings": config.history_feedback and config.history_ratings,
+            "popularity_offset": config.popularity_offset,
         }
         space = prepared.space
+        train = prepared.select("warm", "train")
+        counts = np.bincount(train.item_idx[train.rated == 1], minlength=space.num_items)
+        self.item_log_count = torch.from_numpy(np.log1p(counts).astype(np.float32))
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
         self.teacher = self._network(self.teacher_config)
-        self.train_examples = prepared.select("warm", "train")
+        self.train_examples = train
         shards = data_shard(self.train_examples.user_id, config.data_shards)
         owned = owned_shards(
             self.placement.rank, self.placement.world_size, config.data_shards
@@ -202,6 +206,8 @@ class Trainer:
 
     def _network(self, config: NetworkConfig, trainable: bool = True) -> nn.Module:
         network = RecNetwork(config, self.prepared.space.item_tokens)
+        if config.popularity_offset:
+            network.item_log_count.copy_(self.item_log_count)
         return self.placement.wrap(network, trainable)
 
     def _student(self, variant: StudentVariant) -> Student:
@@ -707,6 +713,7 @@ def distill_weights(config: TrainConfig) -> DistillWeights:
         config.distill_attention,
         config.distill_click,
         config.distill_ranking,
+        config.distill_interact,
     )
 
 

@@ -269,6 +269,32 @@ def test_score_candidates_matches_forward(space, teacher) -> None:
             )
 
 
+def test_popularity_offset_lifts_each_items_interaction_logit(space) -> None:
+    torch.manual_seed(3)
+    config = NetworkConfig.from_space(
+        space, False, embedding_dim=D, hidden_dim=16, popularity_offset=True
+    )
+    model = RecNetwork(config, space.item_tokens).eval()
+    assert "item_log_count" in model.state_dict(), "saved with the network"
+    batch = make_batch(space, seed=11)
+    candidates = torch.arange(1, space.num_items)
+    counts = torch.rand(space.num_items) * 5
+    with torch.no_grad():
+        before = model(batch)
+        scores_before = model.score_candidates(batch, candidates)
+        model.item_log_count.copy_(counts)
+        after = model(batch)
+        scores = model.score_candidates(batch, candidates)
+    assert torch.equal(after.logit, before.logit), "the click head is left alone"
+    torch.testing.assert_close(
+        after.interact_logit, before.interact_logit + counts[batch.item_idx]
+    )
+    assert not torch.equal(scores, scores_before)
+    with torch.no_grad():
+        listed = dataclasses.replace(batch, item_idx=candidates.expand(B, -1))
+        torch.testing.assert_close(scores, model(listed).rank_score())
+
+
 def test_forward_scores_a_list_of_items_per_row(space, teacher) -> None:
     model, _ = teacher
     batch = make_batch(space, seed=6)
@@ -406,7 +432,8 @@ def hand_terms(
         .mean()
         .item(),
         "attention": kl.sum(-1).mean().item(),
-        "click": bce(p, q, rated) + bce(pi, qi),
+        "click": bce(p, q, rated),
+        "interact": bce(pi, qi),
     }
 
 
@@ -433,11 +460,14 @@ def test_identical_outputs_have_no_embedding_or_attention_loss(outputs) -> None:
     _, terms = distillation_loss(t, t, label, rated)
     assert terms["embedding"] == pytest.approx(0.0, abs=1e-9)
     assert terms["attention"] == pytest.approx(0.0, abs=1e-6)
-    # The click term is then the teacher's own entropy: positive, not zero.
-    assert terms["click"] > 0
+    # The click and interaction terms are then the teacher's own entropy:
+    # positive, not zero.
+    assert terms["click"] > 0 and terms["interact"] > 0
 
 
-@pytest.mark.parametrize("off", ["label", "embedding", "attention", "click"])
+@pytest.mark.parametrize(
+    "off", ["label", "embedding", "attention", "click", "interact"]
+)
 def test_each_weight_switches_its_term_off(outputs, off: str) -> None:
     s, t, label, rated = outputs
     weights = DistillWeights(**{off: 0.0})
@@ -450,9 +480,16 @@ def test_each_weight_switches_its_term_off(outputs, off: str) -> None:
 
 def test_weights_scale_their_terms(outputs) -> None:
     s, t, label, rated = outputs
-    weights = DistillWeights(label=0.5, embedding=2.0, attention=0.0, click=3.0)
+    weights = DistillWeights(
+        label=0.5, embedding=2.0, attention=0.0, click=3.0, interact=0.25
+    )
     total, terms = distillation_loss(s, t, label, rated, weights)
-    expected = 0.5 * terms["label"] + 2.0 * terms["embedding"] + 3.0 * terms["click"]
+    expected = (
+        0.5 * terms["label"]
+        + 2.0 * terms["embedding"]
+        + 3.0 * terms["click"]
+        + 0.25 * terms["interact"]
+    )
     assert total.item() == pytest.approx(expected, abs=1e-5)
 
 
@@ -464,7 +501,11 @@ def test_attention_term_skips_rows_without_history(outputs) -> None:
     _, terms = distillation_loss(s, empty, label, rated)
     assert terms["attention"] == 0.0
     total, _ = distillation_loss(
-        s, empty, label, rated, DistillWeights(label=0, embedding=0, click=0)
+        s,
+        empty,
+        label,
+        rated,
+        DistillWeights(label=0, embedding=0, click=0, interact=0),
     )
     assert total.item() == 0.0
 
@@ -512,7 +553,7 @@ def test_switched_off_term_sends_no_gradient(space, student, teacher) -> None:
     with torch.no_grad():
         t = teacher[0](batch)
     model.zero_grad()
-    weights = DistillWeights(label=0, embedding=0, attention=0, click=0)
+    weights = DistillWeights(label=0, embedding=0, attention=0, click=0, interact=0)
     total, _ = distillation_loss(model(batch), t, batch.label, batch.rated, weights)
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

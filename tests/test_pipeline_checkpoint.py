@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from data.examples import FEEDBACK_CLICK, FEEDBACK_UNKNOWN, clicks_only
 from pipeline.config import PipelineConfig, TrainConfig
@@ -154,3 +155,16 @@ def test_student_rows_are_cut_to_first_events_or_lose_some_of_their_feedback(
             assert np.array_equal(
                 styled.history_feedback[row], examples.history_feedback[row]
             )
+
+
+def test_popularity_offset_is_the_log_of_each_items_train_interactions(prepared):
+    trainer = Trainer(prepared, TrainConfig(epochs=1, popularity_offset=True))
+    train = prepared.select("warm", "train")
+    counts = np.bincount(train.item_idx, minlength=prepared.space.num_items)
+    expected = torch.from_numpy(np.log1p(counts).astype(np.float32))
+    assert (counts[1:] <= 2).any() and counts.max() > 300, "rare and popular items"
+    for network in (trainer.teacher, *(s.network for s in trainer.students.values())):
+        assert torch.equal(network.item_log_count, expected)
+    with trainer.buffer.read() as snapshot:
+        assert torch.equal(snapshot.module.item_log_count, expected)
+    trainer.buffer.close()

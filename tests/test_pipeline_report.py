@@ -22,12 +22,12 @@ from pipeline.train import MAIN_STUDENT, distill_weights
 
 def test_variants_switch_off_what_their_names_say():
     weights = DistillWeights(
-        label=1.0, embedding=2.0, attention=3.0, click=4.0, ranking=5.0
+        label=1.0, embedding=2.0, attention=3.0, click=4.0, ranking=5.0, interact=6.0
     )
     table = variants(weights)
     assert table["student"].weights == weights and table["student"].source == "ema"
     labels_only = table["student_no_distill"].weights
-    terms = ("embedding", "attention", "click", "ranking")
+    terms = ("embedding", "attention", "click", "interact", "ranking")
     assert all(getattr(labels_only, term) == 0 for term in terms)
     assert labels_only.label == 1.0
     assert table["student_online_teacher"].source == "online"
@@ -35,6 +35,8 @@ def test_variants_switch_off_what_their_names_say():
     assert table["student_no_embedding"].weights.attention == 3.0
     assert table["student_no_attention"].weights.attention == 0
     assert table["student_no_click"].weights.click == 0
+    assert table["student_no_click"].weights.interact == 6.0
+    assert table["student_no_interact"].weights.interact == 0
     assert table["student_no_ranking"].weights.ranking == 0
     assert not any(name.startswith("student_with_") for name in table)
 
