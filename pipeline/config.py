@@ -94,7 +94,8 @@ class TrainConfig(BaseModel):
     )
     history_feedback: bool = Field(
         True,
-        description="the networks read whether the user clicked each history item",
+        description="the networks read the user's answer to each history item: "
+        "its rating (see history_ratings) or whether they clicked it",
     )
     popularity_offset: bool = Field(
         False,
