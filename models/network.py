@@ -283,9 +283,11 @@ class RecNetwork(nn.Module):
             self.feedback = nn.Embedding(
                 codes, d, padding_idx=FEEDBACK_UNKNOWN, _weight=torch.zeros(codes, d)
             )
-            self.register_buffer(
-                "click_of_code", torch.from_numpy(CLICK_OF_CODE), persistent=False
-            )
+            if not config.feedback_ratings:
+                # Reads each rating code as the click it implies.
+                self.register_buffer(
+                    "click_of_code", torch.from_numpy(CLICK_OF_CODE), persistent=False
+                )
 
     def _register_item_tokens(self, item_tokens: dict[str, list[list[int]]]) -> None:
         # CSR layout per feature: token values and per-item offsets, padding first.
