@@ -24,6 +24,7 @@ otherwise also pay a page-table walk each.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import statistics
@@ -149,10 +150,17 @@ def lazy_speedup() -> dict:
     Both EMAs follow the same table; a stand-in optimizer moves 1% random rows
     per step (not timed). The lazy EMA's time is ``prepare`` plus ``update``.
 
+    Beside them, the machine's ceiling for any exact lazy step: a plain
+    ``index_select`` of the step's rows of the table alone, timed on the same
+    rows: a catch-up must read those rows, and read and write the same rows
+    of the shadow besides.
+
     Returns:
         ``ema_lazy_step_seconds``, ``ema_dense_step_seconds`` (best steps),
         ``ema_lazy_vs_dense_speedup`` (of the best steps, and ``_median`` of
-        the median steps), ``ema_lazy_sync_seconds`` (one full catch-up) and
+        the median steps), ``ema_lazy_gather_seconds`` (best gather) and
+        ``ema_lazy_gather_vs_dense`` (the dense step over it),
+        ``ema_lazy_sync_seconds`` (one full catch-up) and
         ``ema_lazy_max_abs_diff`` (after that catch-up).
     """
     model = Table(TABLE_ROWS, TABLE_DIM)
@@ -161,9 +169,12 @@ def lazy_speedup() -> dict:
     lazy = EMA(model, decay=0.995, warmup=True, lazy_tables=True)
     generator = torch.Generator().manual_seed(0)
     touched = int(TABLE_ROWS * TOUCHED)
-    lazy_times, dense_times = [], []
+    lazy_times, dense_times, gather_times = [], [], []
+    gathered, weight = torch.empty(touched, TABLE_DIM), model.weight.detach()  # [R, D]
     for _ in range(LAZY_STEPS):
         rows = torch.randint(0, TABLE_ROWS, (touched,), generator=generator)  # [R]
+        gather = functools.partial(torch.index_select, weight, 0, rows, out=gathered)
+        gather_times.append(_timed(gather))
         started = time.perf_counter()
         lazy.prepare({name: rows})
         lazy_times.append(time.perf_counter() - started)
@@ -185,6 +196,8 @@ def lazy_speedup() -> dict:
         "ema_dense_step_seconds": round(dense_step, 5),
         "ema_lazy_vs_dense_speedup": round(dense_step / lazy_step, 1),
         "ema_lazy_vs_dense_speedup_median": round(median, 1),
+        "ema_lazy_gather_seconds": round(min(gather_times), 5),
+        "ema_lazy_gather_vs_dense": round(dense_step / min(gather_times), 1),
         "ema_lazy_sync_seconds": round(sync, 4),
         "ema_lazy_max_abs_diff": diff,
     }
