@@ -122,6 +122,14 @@ class TrainConfig(BaseModel):
         description="share of student rows whose history feedback is hidden, as "
         "a new user's request may not say what they clicked",
     )
+    student_ema_decay: float = Field(
+        0.998,
+        ge=0,
+        lt=1,
+        description="decay of an EMA of each student's own weights (with the "
+        "warm-up ramp), which is what is saved, quantized and served; 0 keeps "
+        "the student's last weights",
+    )
     distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
     distill_embedding: float = Field(
         0.0,
@@ -189,6 +197,16 @@ class TrainConfig(BaseModel):
                 f"unknown_feedback_share {value} and clicks_only_feedback_share "
                 f"{clicks} are shares of the same rows and add up to more than 1; "
                 "lower one of them"
+            )
+        return value
+
+    @field_validator("student_ema_decay")
+    @classmethod
+    def _student_ema_decay(cls, value: float) -> float:
+        if 0 < value < 0.9:
+            raise ValueError(
+                f"student_ema_decay {value} is hardly an average: use 0 (off) or "
+                "a decay from 0.9 to below 1, such as 0.998"
             )
         return value
 

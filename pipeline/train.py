@@ -98,6 +98,9 @@ class Student:
     network: RecNetwork
     optimizer: torch.optim.Optimizer
     variant: StudentVariant
+    # The EMA of the student's own weights (``student_ema_decay``), written
+    # into ``network`` when training ends; None keeps the last weights.
+    average: EMA | None = None
 
 
 MAIN_STUDENT = "student"
@@ -217,7 +220,15 @@ class Trainer:
             )
         network = self._network(self.student_config)
         optimizer = self.placement.optimizer(network, self.config.student_lr)
-        return Student(network, optimizer, variant)
+        average = None
+        if self.config.student_ema_decay and not self.placement.sharded:
+            average = EMA(network, self.config.student_ema_decay, warmup=True)
+        elif self.config.student_ema_decay and self.placement.rank == 0:
+            logger.warning(
+                "student_ema_decay is not applied in a sharded run: each "
+                "student is saved with its last weights"
+            )
+        return Student(network, optimizer, variant, average)
 
     def _rng(self, *stream: int) -> np.random.Generator:
         """A generator of its own per use, epoch or step, and data shard: what
@@ -417,6 +428,8 @@ class Trainer:
             student.optimizer.zero_grad()
             loss.backward()
             student.optimizer.step()
+            if student.average is not None:
+                student.average.update(student.network)
             logged = logged or terms
         self.student_steps += 1
         return {
@@ -498,8 +511,10 @@ class Trainer:
         }
 
     def finish_student(self) -> None:
-        """Extra distillation passes against the final EMA snapshot."""
+        """Extra distillation passes against the final EMA snapshot, then each
+        student takes its average's weights (``student_ema_decay``)."""
         if not self.config.student_epochs:
+            self.average_students()
             return
         steps = self.config.student_epochs * self.steps_per_epoch()
         bar = tqdm(
@@ -515,7 +530,16 @@ class Trainer:
                     if self.student_steps % LOG_EVERY == 0:
                         self.curves.add(self.step + self.student_steps, terms)
                     bar.update()
+        self.average_students()
         self.log_validation()
+
+    def average_students(self) -> None:
+        """Writes each student's EMA into its network, which is then what is
+        saved, quantized and served. Its optimizer state stays that of the
+        last weights: a student is not trained on from here."""
+        for student in self.students.values():
+            if student.average is not None:
+                student.average.copy_to(student.network)
 
     @torch.no_grad()
     def log_validation(self) -> None:
@@ -628,6 +652,11 @@ class Trainer:
                 n: optimizer_state(s.network, s.optimizer)
                 for n, s in self.students.items()
             },
+            "student_averages": {
+                n: dict(s.average.synced_shadow())
+                for n, s in self.students.items()
+                if s.average is not None
+            },
         }
 
     def _checkpoint_path(self, folder: Path) -> Path:
@@ -651,6 +680,15 @@ class Trainer:
                     key: value
                     for key, value in self.ema.state_dict().items()
                     if key not in ("shadow", "copied")
+                },
+                "student_averages": {
+                    n: {
+                        key: value
+                        for key, value in s.average.state_dict().items()
+                        if key not in ("shadow", "copied")
+                    }
+                    for n, s in self.students.items()
+                    if s.average is not None
                 },
                 "guard_best": self.guard.best,
                 "finished": finished,
@@ -682,6 +720,14 @@ class Trainer:
             load_optimizer(
                 student.network, student.optimizer, state["student_optimizers"][name]
             )
+            if student.average is not None:
+                student.average.load_state_dict(
+                    {
+                        **meta["student_averages"][name],
+                        "shadow": state["student_averages"][name],
+                        "copied": student.average.copied,
+                    }
+                )
         with self.buffer.read() as snapshot:
             snapshot.module.load_state_dict(state["ema"])
             averaged = dict(named_state(snapshot.module))

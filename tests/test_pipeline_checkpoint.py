@@ -3,6 +3,7 @@ run's, through ``torch.distributed.checkpoint`` in one process."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import mlflow
@@ -168,3 +169,32 @@ def test_popularity_offset_is_the_log_of_each_items_train_interactions(prepared)
     with trainer.buffer.read() as snapshot:
         assert torch.equal(snapshot.module.item_log_count, expected)
     trainer.buffer.close()
+
+
+def test_student_ends_as_the_ema_of_its_own_weights(prepared):
+    config = TrainConfig(epochs=1, student_ema_decay=0.998, background_sync=False)
+    trainer = Trainer(prepared, config)
+    student = trainer.students["student"]
+    weight = dict(student.network.named_parameters())["head.0.weight"]
+    # The warm-up ramp: decay min(0.998, (1 + n) / (10 + n)) at the n-th update.
+    expected = weight.detach().clone()
+    batches = itertools.islice(trainer.epoch_batches(0), 4)
+    for n, examples in enumerate(batches):
+        trainer.student_step(examples)
+        decay = min(0.998, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * weight.detach()
+    last = weight.detach().clone()
+    trainer.average_students()
+    assert torch.allclose(weight.detach(), expected, atol=1e-6)
+    assert not torch.allclose(weight.detach(), last, atol=1e-4)
+
+
+def test_no_student_average_keeps_the_last_weights(prepared):
+    trainer = Trainer(prepared, TrainConfig(epochs=1, student_ema_decay=0.0))
+    student = trainer.students["student"]
+    assert student.average is None
+    trainer.student_step(next(iter(trainer.epoch_batches(0))))
+    before = {k: v.clone() for k, v in student.network.state_dict().items()}
+    trainer.average_students()
+    after = student.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -98,6 +98,18 @@ def test_valid_edges_are_accepted(tmp_path: Path) -> None:
     assert config.train.model_dump(include=set(train)) == train
 
 
+def test_student_ema_decay_is_off_or_an_average(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", {"student_ema_decay": 0.5})
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: field 'train.student_ema_decay'")
+    assert "use 0 (off)" in message and "0.998" in message
+    for value in (0.0, 0.9, 0.999):
+        path = write_config(tmp_path / "ok.json", {"student_ema_decay": value})
+        assert PipelineConfig.from_file(path).train.student_ema_decay == value
+
+
 def test_feedback_shares_of_the_same_rows_must_not_add_up_past_one(
     tmp_path: Path,
 ) -> None:
