@@ -123,11 +123,12 @@ class TrainConfig(BaseModel):
         "a new user's request may not say what they clicked",
     )
     student_ema_decay: float = Field(
-        0.998,
+        0.999,
         ge=0,
         lt=1,
-        description="decay of an EMA of each student's own weights (with the "
-        "warm-up ramp), which is what is saved, quantized and served; 0 keeps "
+        description="decay of an EMA of each student's weights over its final "
+        "epochs (student_epochs), started from them and at most 1 - 3 / their "
+        "steps; the average is what is saved, quantized and served; 0 keeps "
         "the student's last weights",
     )
     distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
@@ -206,7 +207,7 @@ class TrainConfig(BaseModel):
         if 0 < value < 0.9:
             raise ValueError(
                 f"student_ema_decay {value} is hardly an average: use 0 (off) or "
-                "a decay from 0.9 to below 1, such as 0.998"
+                "a decay from 0.9 to below 1, such as 0.999"
             )
         return value
 

@@ -98,8 +98,9 @@ class Student:
     network: RecNetwork
     optimizer: torch.optim.Optimizer
     variant: StudentVariant
-    # The EMA of the student's own weights (``student_ema_decay``), written
-    # into ``network`` when training ends; None keeps the last weights.
+    # The EMA of the student's own weights over its final epochs
+    # (``student_ema_decay``), written into ``network`` when they end; None
+    # before they start, and where there is none.
     average: EMA | None = None
 
 
@@ -220,15 +221,7 @@ class Trainer:
             )
         network = self._network(self.student_config)
         optimizer = self.placement.optimizer(network, self.config.student_lr)
-        average = None
-        if self.config.student_ema_decay and not self.placement.sharded:
-            average = EMA(network, self.config.student_ema_decay, warmup=True)
-        elif self.config.student_ema_decay and self.placement.rank == 0:
-            logger.warning(
-                "student_ema_decay is not applied in a sharded run: each "
-                "student is saved with its last weights"
-            )
-        return Student(network, optimizer, variant, average)
+        return Student(network, optimizer, variant)
 
     def _rng(self, *stream: int) -> np.random.Generator:
         """A generator of its own per use, epoch or step, and data shard: what
@@ -511,12 +504,12 @@ class Trainer:
         }
 
     def finish_student(self) -> None:
-        """Extra distillation passes against the final EMA snapshot, then each
-        student takes its average's weights (``student_ema_decay``)."""
+        """Extra distillation passes against the final EMA snapshot, after
+        which each student takes the average of its weights over them."""
         if not self.config.student_epochs:
-            self.average_students()
             return
         steps = self.config.student_epochs * self.steps_per_epoch()
+        self.start_averages(steps)
         bar = tqdm(
             total=steps,
             desc="distill student",
@@ -533,13 +526,37 @@ class Trainer:
         self.average_students()
         self.log_validation()
 
+    def start_averages(self, steps: int) -> None:
+        """Starts each student's EMA from its current weights, for the
+        ``steps`` student steps to come (``student_ema_decay``).
+
+        No warm-up: the average starts from a trained student, not from its
+        initial weights. The decay is at most ``1 - 3 / steps``, so that the
+        starting weights keep under 5% of the final average however few the
+        steps.
+        """
+        if not self.config.student_ema_decay:
+            return
+        decay = min(self.config.student_ema_decay, 1.0 - 3.0 / max(steps, 4))
+        if self.placement.sharded:
+            if self.placement.is_writer:
+                logger.warning(
+                    "student_ema_decay is not applied in a sharded run: its "
+                    "tables train with fused row-wise Adagrad, which the "
+                    "average does not follow; each student keeps its last weights"
+                )
+            return
+        for student in self.students.values():
+            student.average = EMA(student.network, decay, warmup=False)
+
     def average_students(self) -> None:
         """Writes each student's EMA into its network, which is then what is
-        saved, quantized and served. Its optimizer state stays that of the
-        last weights: a student is not trained on from here."""
+        saved, quantized and served, and ends the average. The optimizer state
+        stays that of the last weights: a student is not trained on from here."""
         for student in self.students.values():
             if student.average is not None:
                 student.average.copy_to(student.network)
+                student.average = None
 
     @torch.no_grad()
     def log_validation(self) -> None:
@@ -652,11 +669,6 @@ class Trainer:
                 n: optimizer_state(s.network, s.optimizer)
                 for n, s in self.students.items()
             },
-            "student_averages": {
-                n: dict(s.average.synced_shadow())
-                for n, s in self.students.items()
-                if s.average is not None
-            },
         }
 
     def _checkpoint_path(self, folder: Path) -> Path:
@@ -680,15 +692,6 @@ class Trainer:
                     key: value
                     for key, value in self.ema.state_dict().items()
                     if key not in ("shadow", "copied")
-                },
-                "student_averages": {
-                    n: {
-                        key: value
-                        for key, value in s.average.state_dict().items()
-                        if key not in ("shadow", "copied")
-                    }
-                    for n, s in self.students.items()
-                    if s.average is not None
                 },
                 "guard_best": self.guard.best,
                 "finished": finished,
@@ -720,14 +723,6 @@ class Trainer:
             load_optimizer(
                 student.network, student.optimizer, state["student_optimizers"][name]
             )
-            if student.average is not None:
-                student.average.load_state_dict(
-                    {
-                        **meta["student_averages"][name],
-                        "shadow": state["student_averages"][name],
-                        "copied": student.average.copied,
-                    }
-                )
         with self.buffer.read() as snapshot:
             snapshot.module.load_state_dict(state["ema"])
             averaged = dict(named_state(snapshot.module))

@@ -171,27 +171,33 @@ def test_popularity_offset_is_the_log_of_each_items_train_interactions(prepared)
     trainer.buffer.close()
 
 
-def test_student_ends_as_the_ema_of_its_own_weights(prepared):
-    config = TrainConfig(epochs=1, student_ema_decay=0.998, background_sync=False)
-    trainer = Trainer(prepared, config)
+def test_student_ends_as_the_ema_of_its_weights_over_its_final_steps(prepared):
+    trainer = Trainer(prepared, TrainConfig(epochs=1, background_sync=False))
     student = trainer.students["student"]
     weight = dict(student.network.named_parameters())["head.0.weight"]
-    # The warm-up ramp: decay min(0.998, (1 + n) / (10 + n)) at the n-th update.
+    batches = trainer.epoch_batches(0)
+    trainer.student_step(next(batches))
+    # 30 steps to come: the decay is capped at 1 - 3 / 30, below the configured
+    # 0.999, and the average starts from the student's current weights.
+    trainer.start_averages(30)
+    assert student.average.decay == pytest.approx(0.9)
     expected = weight.detach().clone()
-    batches = itertools.islice(trainer.epoch_batches(0), 4)
-    for n, examples in enumerate(batches):
+    for examples in itertools.islice(batches, 4):
         trainer.student_step(examples)
-        decay = min(0.998, (1 + n) / (10 + n))
-        expected = decay * expected + (1 - decay) * weight.detach()
+        expected = 0.9 * expected + 0.1 * weight.detach()
     last = weight.detach().clone()
     trainer.average_students()
+    assert student.average is None
     assert torch.allclose(weight.detach(), expected, atol=1e-6)
     assert not torch.allclose(weight.detach(), last, atol=1e-4)
+    trainer.start_averages(30_000)
+    assert student.average.decay == 0.999
 
 
 def test_no_student_average_keeps_the_last_weights(prepared):
     trainer = Trainer(prepared, TrainConfig(epochs=1, student_ema_decay=0.0))
     student = trainer.students["student"]
+    trainer.start_averages(1_000)
     assert student.average is None
     trainer.student_step(next(iter(trainer.epoch_batches(0))))
     before = {k: v.clone() for k, v in student.network.state_dict().items()}

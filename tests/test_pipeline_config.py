@@ -104,7 +104,7 @@ def test_student_ema_decay_is_off_or_an_average(tmp_path: Path) -> None:
         PipelineConfig.from_file(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: field 'train.student_ema_decay'")
-    assert "use 0 (off)" in message and "0.998" in message
+    assert "use 0 (off)" in message and "0.999" in message
     for value in (0.0, 0.9, 0.999):
         path = write_config(tmp_path / "ok.json", {"student_ema_decay": value})
         assert PipelineConfig.from_file(path).train.student_ema_decay == value
