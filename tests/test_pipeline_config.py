@@ -19,6 +19,14 @@ def write_config(path: Path, train: dict) -> Path:
     return path
 
 
+def refusal(tmp_path: Path, train: dict) -> tuple[Path, str]:
+    """The config file of these training settings, and why it is refused."""
+    path = write_config(tmp_path / "config.json", train)
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    return path, str(caught.value)
+
+
 def bounded_fields() -> list[tuple[str, dict]]:
     """Every TrainConfig field declared with bounds, with those bounds."""
     fields = []
@@ -99,10 +107,7 @@ def test_valid_edges_are_accepted(tmp_path: Path) -> None:
 
 
 def test_student_ema_decay_is_off_or_an_average(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "config.json", {"student_ema_decay": 0.5})
-    with pytest.raises(ConfigError) as caught:
-        PipelineConfig.from_file(path)
-    message = str(caught.value)
+    path, message = refusal(tmp_path, {"student_ema_decay": 0.5})
     assert message.startswith(f"{path}: field 'train.student_ema_decay'")
     assert "use 0 (off)" in message and "0.999" in message
     for value in (0.0, 0.9, 0.999):
@@ -114,10 +119,7 @@ def test_feedback_shares_of_the_same_rows_must_not_add_up_past_one(
     tmp_path: Path,
 ) -> None:
     train = {"unknown_feedback_share": 0.7, "clicks_only_feedback_share": 0.5}
-    path = write_config(tmp_path / "config.json", train)
-    with pytest.raises(ConfigError) as caught:
-        PipelineConfig.from_file(path)
-    message = str(caught.value)
+    path, message = refusal(tmp_path, train)
     assert message.startswith(f"{path}: field 'train.unknown_feedback_share'")
     assert "clicks_only_feedback_share 0.5" in message and "more than 1" in message
     train["clicks_only_feedback_share"] = 0.3
@@ -137,10 +139,7 @@ def test_every_problem_is_listed_one_per_line(tmp_path: Path) -> None:
 
 
 def test_unknown_key_lists_the_keys_and_the_closest(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "config.json", {"ema_decy": 0.99})
-    with pytest.raises(ConfigError) as caught:
-        PipelineConfig.from_file(path)
-    message = str(caught.value)
+    path, message = refusal(tmp_path, {"ema_decy": 0.99})
     assert message.startswith(f"{path}: unknown key 'train.ema_decy'")
     assert ", ".join(TrainConfig.model_fields) in message
     assert "(did you mean 'ema_decay'?)" in message
