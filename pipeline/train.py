@@ -5,7 +5,8 @@ the EMA shadow is published through the double buffer as a new teacher
 snapshot. Every ``distill_interval`` teacher steps the student takes one
 distillation step on the batches seen since its last step, against the current
 snapshot. After the teacher's last epoch, the student may take
-``student_epochs`` more passes against the final snapshot.
+``student_epochs`` more passes against the final snapshot; what it keeps is
+the EMA of its weights over those passes (``student_ema_decay``).
 
 The same trainer runs in one process or as one rank of a TorchRec-sharded run
 under ``torchrun`` (``python -m pipeline.train --config FILE``): a placement
