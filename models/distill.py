@@ -62,6 +62,7 @@ def distillation_loss(
     weights: DistillWeights = DistillWeights(),
     count: Count = _own,
     ranked: Ranked | None = None,
+    targeted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns the weighted total and each term's value.
 
@@ -73,15 +74,18 @@ def distillation_loss(
         count: the divisor of the masked means (see ``Count``).
         ranked: both over sampled candidates, for the ranking term; without
             it the term is left out.
+        targeted: ``[B]`` 1 for the rows whose click and interaction
+            probabilities the student is to match, 0 for rows that learn from
+            the labels alone; every row without it.
     """
     terms = {
         "label": label_loss(student, label, rated, count),
         "embedding": F.mse_loss(student.user_embedding, teacher.user_embedding),
         "attention": _attention_kl(student.attention, teacher.attention, count),
-        "click": _click_cross_entropy(student, teacher, rated, count),
-        "interact": F.binary_cross_entropy_with_logits(
-            student.interact_logit, torch.sigmoid(teacher.interact_logit)
+        "click": _click_cross_entropy(
+            student, teacher, rated if targeted is None else rated * targeted, count
         ),
+        "interact": _interact_cross_entropy(student, teacher, targeted, count),
     }
     if ranked is not None:
         terms["ranking"] = ranking_kl(ranked.student, ranked.teacher, count)
@@ -109,6 +113,20 @@ def _click_cross_entropy(
         student.logit, torch.sigmoid(teacher.logit), reduction="none"
     )
     return (like * rated).sum() / count(rated.sum()).clamp(min=1.0)
+
+
+def _interact_cross_entropy(
+    student: Output, teacher: Output, targeted: torch.Tensor | None, count: Count
+):
+    """Cross-entropy to the teacher's interaction probabilities: the mean over
+    every row, or over the ``targeted`` ones."""
+    target = torch.sigmoid(teacher.interact_logit)
+    if targeted is None:
+        return F.binary_cross_entropy_with_logits(student.interact_logit, target)
+    interact = F.binary_cross_entropy_with_logits(
+        student.interact_logit, target, reduction="none"
+    )
+    return (interact * targeted).sum() / count(targeted.sum()).clamp(min=1.0)
 
 
 def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, count: Count = _own):

@@ -131,6 +131,13 @@ class TrainConfig(BaseModel):
         "steps; the average is what is saved, quantized and served; 0 keeps "
         "the student's last weights",
     )
+    distill_cut_rows: bool = Field(
+        True,
+        description="the student matches the teacher's click and interaction "
+        "probabilities on rows whose history is cut to the user's first events "
+        "too (the teacher reads them whole); off: those rows learn from the "
+        "labels alone",
+    )
     distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
     distill_embedding: float = Field(
         0.0,

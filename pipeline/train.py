@@ -402,6 +402,8 @@ class Trainer:
                     ranked_targets["online"] = self.teacher(ranking[1])
             for target in targets.values():
                 target.attention = target.attention.masked_fill(cut[:, None], 0.0)
+        # Cut rows may learn from the labels alone (``distill_cut_rows``).
+        targeted = None if self.config.distill_cut_rows else (~cut).float()
         logged = None
         for student in self.students.values():
             student.network.train()
@@ -418,6 +420,7 @@ class Trainer:
                 student.variant.weights,
                 self.placement.mean_count,
                 ranked,
+                targeted,
             )
             student.optimizer.zero_grad()
             loss.backward()

@@ -455,6 +455,24 @@ def test_distillation_terms_match_their_definitions(outputs) -> None:
     assert total.item() == pytest.approx(sum(expected.values()), abs=1e-4)
 
 
+def test_untargeted_rows_leave_the_click_and_interaction_terms(outputs) -> None:
+    s, t, label, rated = outputs
+    targeted = (torch.arange(len(rated)) % 3 != 0).float()
+    _, terms = distillation_loss(s, t, label, rated, targeted=targeted)
+    keep = targeted.bool()
+
+    def rows(o: Output) -> Output:
+        return Output(o.logit[keep], o.interact_logit[keep], o.user_embedding, o.attention)
+
+    expected = hand_terms(rows(s), rows(t), label[keep], rated[keep])
+    for name in ("click", "interact"):
+        assert terms[name] == pytest.approx(expected[name], abs=1e-4), name
+    _, every = distillation_loss(s, t, label, rated)
+    assert terms["interact"] != pytest.approx(every["interact"], abs=1e-4)
+    assert terms["label"] == every["label"]
+    assert terms["attention"] == every["attention"]
+
+
 def test_identical_outputs_have_no_embedding_or_attention_loss(outputs) -> None:
     _, t, label, rated = outputs
     _, terms = distillation_loss(t, t, label, rated)

@@ -204,3 +204,13 @@ def test_no_student_average_keeps_the_last_weights(prepared):
     trainer.average_students()
     after = student.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cut_rows_can_learn_from_the_labels_alone(prepared):
+    terms = {}
+    for cut_rows in (True, False):
+        config = TrainConfig(epochs=1, distill_cut_rows=cut_rows, background_sync=False)
+        trainer = Trainer(prepared, config)
+        terms[cut_rows] = trainer.student_step(next(iter(trainer.epoch_batches(0))))
+    assert terms[True]["distill/label"] == terms[False]["distill/label"]
+    assert terms[True]["distill/interact"] != terms[False]["distill/interact"]
