@@ -13,6 +13,9 @@
   catalogue items (a softmax of its ranking scores) to the student's, for a
   sample of rows: which items the teacher would put first, not only how it
   scores the one item of each row.
+
+The click and interaction terms may be limited to some rows (``targeted``):
+the trainer can leave out rows whose history the student sees cut.
 """
 
 from __future__ import annotations
