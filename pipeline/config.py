@@ -149,7 +149,11 @@ class TrainConfig(BaseModel):
         1.0, ge=0, description="weight of the attention distillation loss"
     )
     distill_click: float = Field(
-        1.0, ge=0, description="weight of the click distillation loss"
+        0.0,
+        ge=0,
+        description="weight of the click distillation loss; off by default: "
+        "in a 3-seed report on MovieLens-100K the averaged student's cold AUC "
+        "was 0.733 without it and 0.719 with it, its cold Recall@10 the same",
     )
     distill_interact: float = Field(
         1.0,
