@@ -156,10 +156,12 @@ class TrainConfig(BaseModel):
         "was 0.733 without it and 0.719 with it, its cold Recall@10 the same",
     )
     distill_interact: float = Field(
-        1.0,
+        0.0,
         ge=0,
         description="weight of the interaction distillation loss (the "
-        "teacher's probability that the user picks each row's item)",
+        "teacher's probability that the user picks each row's item); off by "
+        "default: over 3 seeds on MovieLens-100K the averaged student's cold "
+        "Recall@10 was 0.360 without it and 0.345 with it, its cold AUC the same",
     )
     distill_ranking: float = Field(
         0.0,

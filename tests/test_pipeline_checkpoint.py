@@ -209,7 +209,12 @@ def test_no_student_average_keeps_the_last_weights(prepared):
 def test_cut_rows_can_learn_from_the_labels_alone(prepared):
     terms = {}
     for cut_rows in (True, False):
-        config = TrainConfig(epochs=1, distill_cut_rows=cut_rows, background_sync=False)
+        config = TrainConfig(
+            epochs=1,
+            distill_cut_rows=cut_rows,
+            distill_interact=1.0,
+            background_sync=False,
+        )
         trainer = Trainer(prepared, config)
         terms[cut_rows] = trainer.student_step(next(iter(trainer.epoch_batches(0))))
     assert terms[True]["distill/label"] == terms[False]["distill/label"]
