@@ -136,7 +136,8 @@ class TrainConfig(BaseModel):
         description="the student matches the teacher's click and interaction "
         "probabilities on rows whose history is cut to the user's first events "
         "too (the teacher reads them whole); off: those rows learn from the "
-        "labels alone",
+        "labels alone; no effect while distill_click and distill_interact are "
+        "both 0, as by default",
     )
     distill_label: float = Field(1.0, ge=0, description="weight of the label loss")
     distill_embedding: float = Field(
