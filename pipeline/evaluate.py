@@ -46,6 +46,9 @@ MODELS = (
 )  # fmt: skip
 COHORTS = ("cold", "warm")
 USERS_PER_CHUNK = 64
+# Each ranked test user's Recall@K per model, beside metrics.json: what a
+# paired comparison of two models over the same users reads.
+USER_RECALL = "user_recall.csv"
 
 
 class FeedbackView:
@@ -143,8 +146,11 @@ def ranking_batch(users: list[RankingUser], max_history: int) -> Batch:
     )
 
 
-def ranking_metrics(scores: np.ndarray, users: list[RankingUser], k: int) -> dict:
-    """Mean Recall@K and NDCG@K; seen items and padding are excluded."""
+def user_ranking(
+    scores: np.ndarray, users: list[RankingUser], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's Recall@K and NDCG@K, ``[U]`` each; seen items and padding
+    are excluded."""
     scores = scores.copy()
     scores[:, 0] = -np.inf
     for row, user in enumerate(users):
@@ -157,7 +163,25 @@ def ranking_metrics(scores: np.ndarray, users: list[RankingUser], k: int) -> dic
         ideal = min(k, len(user.relevant))
         recalls.append(hits.sum() / ideal)
         ndcgs.append((hits * discounts).sum() / discounts[:ideal].sum())
-    return {f"recall_at_{k}": float(np.mean(recalls)), f"ndcg_at_{k}": float(np.mean(ndcgs))}
+    return np.array(recalls), np.array(ndcgs)
+
+
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of ``values``: how far the mean could move
+    with another draw of as many users (NaN below two)."""
+    if len(values) < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def ranking_metrics(recalls: np.ndarray, ndcgs: np.ndarray, k: int) -> dict:
+    """Mean Recall@K and NDCG@K from :func:`user_ranking`, and the standard
+    error of the mean Recall@K over those users (``recall_at_K_se``)."""
+    return {
+        f"recall_at_{k}": float(np.mean(recalls)),
+        f"ndcg_at_{k}": float(np.mean(ndcgs)),
+        f"recall_at_{k}_se": standard_error(recalls),
+    }
 
 
 def pointwise_metrics(score: np.ndarray, prob: np.ndarray, label: np.ndarray) -> dict:
@@ -168,8 +192,11 @@ def pointwise_metrics(score: np.ndarray, prob: np.ndarray, label: np.ndarray) ->
     }
 
 
-def evaluate_models(prepared: Prepared, models: dict, k: int, max_history: int) -> dict:
-    """Metrics named ``{model}/{cohort}/{metric}``.
+def evaluate_models(
+    prepared: Prepared, models: dict, k: int, max_history: int
+) -> tuple[dict, pd.DataFrame]:
+    """Metrics named ``{model}/{cohort}/{metric}``, and each ranked user's
+    Recall@K: a row per user (``user_id``, ``cohort``), a column per model.
 
     Args:
         models: name to network; "popularity" is added here.
@@ -177,9 +204,13 @@ def evaluate_models(prepared: Prepared, models: dict, k: int, max_history: int) 
     popularity = Popularity(prepared)
     users = prepared.ranking_users()
     metrics = {}
+    recalls = pd.DataFrame(
+        {"user_id": [u.user_id for u in users], "cohort": [u.cohort for u in users]}
+    )
     for name in tqdm(["popularity", *models], desc="evaluate", unit="model"):
         for cohort in COHORTS:
             test = prepared.select(cohort, "test")
+            in_cohort = (recalls["cohort"] == cohort).to_numpy()
             cohort_users = [u for u in users if u.cohort == cohort]
             if name == "popularity":
                 score, prob = popularity.pointwise(test)
@@ -189,12 +220,14 @@ def evaluate_models(prepared: Prepared, models: dict, k: int, max_history: int) 
                 ranks = network_rank_scores(
                     models[name], cohort_users, prepared.space.num_items, max_history
                 )
+            user_recall, user_ndcg = user_ranking(ranks, cohort_users, k)
+            recalls.loc[in_cohort, name] = user_recall
             values = {
                 **pointwise_metrics(score, prob, test.label),
-                **ranking_metrics(ranks, cohort_users, k),
+                **ranking_metrics(user_recall, user_ndcg, k),
             }
             metrics.update({f"{name}/{cohort}/{m}": v for m, v in values.items()})
-    return metrics
+    return metrics, recalls
 
 
 def quality_table(metrics: dict, k: int) -> pd.DataFrame:
@@ -269,11 +302,14 @@ def run_evaluate(config: PipelineConfig) -> dict:
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}
     models = with_feedback_views(models)
-    metrics = evaluate_models(prepared, models, config.eval_k, config.train.max_history)
+    metrics, recalls = evaluate_models(
+        prepared, models, config.eval_k, config.train.max_history
+    )
 
     out = eval_dir(config.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    recalls.to_csv(out / USER_RECALL, index=False)
     table = quality_table(metrics, config.eval_k)
     (out / "quality.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
     plot_quality(table, config.eval_k, out / "quality.png")

@@ -26,7 +26,12 @@ import pandas as pd  # noqa: E402
 
 from models.distill import DistillWeights  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.evaluate import run_evaluate  # noqa: E402
+from pipeline.evaluate import (  # noqa: E402
+    USER_RECALL,
+    eval_dir,
+    run_evaluate,
+    standard_error,
+)
 from pipeline.ingest import ingest_dir, run_ingest  # noqa: E402
 from pipeline.quantize import run_quantize  # noqa: E402
 from pipeline.train import (
@@ -124,8 +129,28 @@ def run_seed(config: PipelineConfig, seed: int) -> dict:
     metrics["int8/embedding_size_ratio"] = quantize["float_embedding_bytes"] / max(
         1, quantize["int8_embedding_bytes"]
     )
+    recalls = pd.read_csv(eval_dir(seeded.work_dir) / USER_RECALL)
+    metrics.update(paired_lift(recalls, config.eval_k))
     (model_dir(seeded.work_dir) / "report_metrics.json").write_text(json.dumps(metrics))
     return metrics
+
+
+def paired_lift(recalls: pd.DataFrame, k: int) -> dict[str, float]:
+    """The distilled student's cold Recall@K minus the labels-only
+    student's, user by user over the same cold users: its mean, and that
+    mean's standard error over users; and how many users were ranked.
+
+    Args:
+        recalls: each ranked user's Recall@K per model (``user_recall.csv``).
+    """
+    cold = recalls[recalls["cohort"] == "cold"]
+    diff = (cold[MAIN_STUDENT] - cold["student_no_distill"]).to_numpy()
+    return {
+        f"distillation/cold/recall_at_{k}_diff": float(diff.mean()),
+        f"distillation/cold/recall_at_{k}_diff_se": standard_error(diff),
+        "ranked_users/cold": float(len(cold)),
+        "ranked_users/warm": float((recalls["cohort"] == "warm").sum()),
+    }
 
 
 def aggregate(per_seed: list[dict]) -> pd.DataFrame:
@@ -208,7 +233,10 @@ def targets_section(stats: pd.DataFrame, figures: dict[str, float]) -> str:
         verdict = "met" if gap >= 0 else f"missed by {-gap:.4f}"
         if gap < 0:
             verdict += best_row(mean, name.split("/", 1)[1])
-        lines.append(f"- {label}: {mean[name]:.4f} against >= {floor}: {verdict}")
+        lines.append(
+            f"- {label}: {mean[name]:.4f} against >= {floor}: {verdict}"
+            + user_noise(mean, name)
+        )
     for key, label in (("auc", "AUC"), ("recall", "Recall@10")):
         delta = figures[f"int8_cold_{key}_delta"]
         verdict = "met" if abs(delta) <= INT8_TOLERANCE else "missed"
@@ -228,8 +256,42 @@ def targets_section(stats: pd.DataFrame, figures: dict[str, float]) -> str:
         f" {teacher:.4f} on cold users against {labels_only:.4f} for the"
         " labels-only student: a cold user is an id the teacher never trained,"
         " so what it passes on helps the warm cohort more than new users."
+        + paired_text(mean)
     )
     return "\n".join(lines)
+
+
+def user_noise(mean: pd.Series, name: str) -> str:
+    """For a ranking metric, how much of a figure the draw of test users
+    alone could move: the standard error of its mean over them (averaged
+    over seeds). Empty for metrics without one."""
+    cohort = name.split("/")[1]
+    se, users = f"{name}_se", f"ranked_users/{cohort}"
+    if se not in mean.index or users not in mean.index:
+        return ""
+    return (
+        f" (over {mean[users]:.0f} {cohort} users, a mean Recall@10 has a"
+        f" standard error of {mean[se]:.4f})"
+    )
+
+
+def paired_text(mean: pd.Series) -> str:
+    """The lift as a difference over the same cold users, with its standard
+    error; empty when the report has no per-user figures."""
+    name = "distillation/cold/recall_at_10_diff"
+    if name not in mean.index:
+        return ""
+    diff, se = mean[name], mean[f"{name}_se"]
+    verdict = (
+        "within two standard errors of no difference"
+        if abs(diff) < 2 * se
+        else "beyond two standard errors of no difference"
+    )
+    return (
+        f" User by user over the same cold users, the distilled student's"
+        f" Recall@10 minus the labels-only student's averages {diff:+.4f},"
+        f" with a standard error of {se:.4f} over users: {verdict}."
+    )
 
 
 def plot_report(stats: pd.DataFrame, path: Path) -> None:

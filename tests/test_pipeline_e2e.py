@@ -101,13 +101,23 @@ def test_metrics_cover_every_model_and_cohort(pipeline_run):
 
 
 def test_quality_table_and_plots_are_artifacts(pipeline_run):
-    config, _ = pipeline_run
+    config, results = pipeline_run
     client = MlflowClient(config.tracking_uri)
     run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert {"eval/quality.md", "eval/quality.png", "eval/training_curves.png"} <= names
+    expected = ("quality.md", "quality.png", "training_curves.png", "user_recall.csv")
+    assert {f"eval/{name}" for name in expected} <= names
     local = Path(client.download_artifacts(run_id, "eval/quality.md"))
     assert "student_int8" in local.read_text()
+    # Each ranked user's Recall@10: their mean is the logged metric.
+    recalls = pd.read_csv(client.download_artifacts(run_id, "eval/user_recall.csv"))
+    for cohort in ("cold", "warm"):
+        users = recalls[recalls["cohort"] == cohort]
+        for model in ("popularity", "student_int8", "ema_teacher"):
+            name = f"{model}/{cohort}/recall_at_10"
+            assert users[model].mean() == pytest.approx(results["evaluate"][name])
+            se = users[model].std() / len(users) ** 0.5
+            assert results["evaluate"][f"{name}_se"] == pytest.approx(se)
 
 
 def test_first_version_becomes_champion(pipeline_run):

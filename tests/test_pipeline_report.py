@@ -13,6 +13,7 @@ from pipeline.report import (
     REPORT_EXPERIMENT,
     ROWS,
     aggregate,
+    paired_lift,
     run_report,
     targets_section,
     variants,
@@ -90,6 +91,16 @@ def test_report_over_two_seeds_lands_in_mlflow(mlflow_server, ml100k_dir, tmp_pa
     assert findings["int8_embedding_size_ratio"] >= 3.5
     written = (tmp_path / "report" / "report.md").read_text()
     assert "## Targets" in written and "Distillation lift, cold Recall@10" in written
+    # Per seed, the lift is also measured user by user over the same cold users.
+    stats = pd.read_csv(tmp_path / "report" / "report.csv", index_col=0)
+    users = stats.loc["ranked_users/cold", "mean"]
+    assert users > 100 and stats.loc["ranked_users/cold", "std"] == 0
+    assert f"over {users:.0f} cold users, a mean Recall@10 has" in written
+    diff = stats.loc["distillation/cold/recall_at_10_diff", "mean"]
+    distilled = stats.loc["student/cold/recall_at_10", "mean"]
+    labels_only = stats.loc["student_no_distill/cold/recall_at_10", "mean"]
+    assert diff == pytest.approx(distilled - labels_only, abs=1e-9)
+    assert stats.loc["distillation/cold/recall_at_10_diff_se", "mean"] > 0
     assert abs(findings["int8_cold_auc_delta"]) < 0.01
 
     client = MlflowClient(mlflow_server.uri)
@@ -117,6 +128,10 @@ def report_stats(teacher_cold: float, labels_only_cold: float, distilled_cold: f
         "student/cold/recall_at_10": distilled_cold,
         "popularity/cold/auc": 0.67,
         "student_no_distill/cold/auc": 0.71,
+        "ema_teacher/warm/recall_at_10_se": 0.0071,
+        "ranked_users/warm": 750.0,
+        "distillation/cold/recall_at_10_diff": distilled_cold - labels_only_cold,
+        "distillation/cold/recall_at_10_diff_se": 0.004,
     }
     return pd.DataFrame({"mean": means, "std": dict.fromkeys(means, 0.0)})
 
@@ -136,12 +151,50 @@ def test_targets_section_says_what_is_missed_and_why_the_lift_falls_short():
     assert "INT8 student cold Recall@10: 0.4000 against >= 0.37: met" in text
     assert (
         "warm Recall@10: 0.1100 against >= 0.115: missed by 0.0050; the best row "
-        "here, EMA teacher (fixed decay), reaches 0.1100" in text
+        "here, EMA teacher (fixed decay), reaches 0.1100 (over 750 warm users, a "
+        "mean Recall@10 has a standard error of 0.0071)" in text
     )
+    # No standard error for the cold figure in these stats: no clause.
+    assert "cold users, a mean" not in text
     assert "cold AUC: -0.0020 (within 0.003: met)" in text
     assert "cold Recall@10: +0.0040 (within 0.003: missed)" in text
     assert "-3.0% against +18%: short by 21.0%" in text
     assert "reaches 0.2900 on cold users against 0.3300" in text
+    assert (
+        "minus the labels-only student's averages -0.0100, with a standard error "
+        "of 0.0040 over users: beyond two standard errors of no difference" in text
+    )
+
+
+def test_targets_section_says_when_the_lift_is_within_the_users_noise():
+    stats = report_stats(teacher_cold=0.29, labels_only_cold=0.33, distilled_cold=0.335)
+    figures = {
+        "distillation_cold_recall_lift": 0.335 / 0.33 - 1,
+        "int8_cold_auc_delta": 0.0,
+        "int8_cold_recall_delta": 0.0,
+    }
+    text = targets_section(stats, figures)
+    assert "averages +0.0050, with a standard error of 0.0040 over users: within" in (
+        text
+    )
+
+
+def test_paired_lift_compares_the_same_cold_users():
+    recalls = pd.DataFrame(
+        {
+            "user_id": [5, 10, 15, 1, 2],
+            "cohort": ["cold", "cold", "cold", "warm", "warm"],
+            MAIN_STUDENT: [0.5, 0.2, 0.4, 0.9, 0.9],
+            "student_no_distill": [0.3, 0.2, 0.1, 0.0, 0.0],
+        }
+    )
+    lift = paired_lift(recalls, 10)
+    # Differences 0.2, 0.0, 0.3: mean 0.1667, sample std 0.1528 over sqrt(3).
+    assert lift["distillation/cold/recall_at_10_diff"] == pytest.approx(0.5 / 3)
+    assert lift["distillation/cold/recall_at_10_diff_se"] == pytest.approx(
+        0.152753 / 3**0.5, rel=1e-4
+    )
+    assert lift["ranked_users/cold"] == 3 and lift["ranked_users/warm"] == 2
 
 
 def test_targets_section_met_lift_needs_no_excuse():
