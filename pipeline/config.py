@@ -287,6 +287,15 @@ class PipelineConfig(BaseModel):
     model_name: str = "emarec"
     alias: str = "champion"
     eval_k: int = Field(10, ge=1, description="K of Recall@K and NDCG@K")
+    gate_tolerance_se: float = Field(
+        2.0,
+        ge=0,
+        description="the registry gate promotes a new version unless its cold "
+        "or warm Recall@K is below the champion's by more than this many "
+        "standard errors of its own mean over the test users: a drop within "
+        "them is not told apart from the draw of users and training noise; "
+        "0: promote only when no worse at all",
+    )
     train: TrainConfig = TrainConfig()
 
     @classmethod
