@@ -10,9 +10,9 @@ Without the tolerance a retrain on the same data is as likely to come out a
 little below the champion as above it (a student's cold Recall@10 moved by
 about 0.01 between two runs of one seed, and its standard error over
 MovieLens-100K's 187 cold users is about 0.018), and the champion ratchets to
-the luckiest run while the catalogue moves on. With
-it, a series of small drops, each within the tolerance, can add up: the gate
-compares each version with the champion only.
+the luckiest run while the catalogue moves on. With it, a series of small
+drops, each within the tolerance, can add up: the gate compares each version
+with the champion only.
 """
 
 from __future__ import annotations
