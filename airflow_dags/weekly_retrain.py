@@ -2,8 +2,9 @@
 
 Each task runs one step of the same pipeline as ``emarec run``, on a work folder
 of its own per DAG run; the new version becomes ``champion`` only when it is no
-worse than the current one on cold and warm Recall@10. Heavy imports happen
-inside the tasks, so parsing this file stays cheap.
+worse than the current one on cold and warm Recall@10, give or take
+``gate_tolerance_se`` standard errors. Heavy imports happen inside the tasks,
+so parsing this file stays cheap.
 
 Params (override with ``--conf`` or in the trigger form): ``data`` (a
 MovieLens-100K folder or a log file; else ``EMAREC_DATA`` or the default
@@ -11,7 +12,8 @@ lookup), ``mapping``, ``work_root`` (default ``EMAREC_WORK_ROOT`` or
 ``runs``), ``tracking_uri`` (default ``MLFLOW_TRACKING_URI`` or
 ``sqlite:///mlflow.db``), ``experiment`` and ``model_name`` (both
 ``emarec``), ``epochs``, ``max_steps``, ``student_epochs``, ``nproc`` (train
-sharded in that many processes, as ``emarec train --nproc``).
+sharded in that many processes, as ``emarec train --nproc``),
+``gate_tolerance_se`` (default 2).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ PARAMS = {
     "student_epochs": Param(None, type=["null", "integer"], minimum=0),
     # 0: train in the task's process; N: N TorchRec-sharded processes (torchrun).
     "nproc": Param(None, type=["null", "integer"], minimum=0),
+    "gate_tolerance_se": Param(None, type=["null", "number"], minimum=0),
 }
 
 

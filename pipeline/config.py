@@ -290,6 +290,7 @@ class PipelineConfig(BaseModel):
     gate_tolerance_se: float = Field(
         2.0,
         ge=0,
+        allow_inf_nan=False,
         description="the registry gate promotes a new version unless its cold "
         "or warm Recall@K is below the champion's by more than this many "
         "standard errors of its own mean over the test users: a drop within "

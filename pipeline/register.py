@@ -56,19 +56,40 @@ def gate_metrics(metrics: dict, k: int) -> dict[str, float]:
     return gate
 
 
-def passes_gate(candidate: dict, champion: dict | None, tolerance_se: float) -> bool:
-    """Whether ``candidate`` (from :func:`gate_metrics`) is no worse than the
-    ``champion`` on cold and warm Recall@K, give or take ``tolerance_se`` of
-    its standard errors; always with no champion."""
+GATE_METRICS = {
+    "cold": "cold Recall@{k} (INT8 student)",
+    "warm": "warm Recall@{k} (EMA teacher)",
+}
+
+
+def gate_refusals(
+    candidate: dict, champion: dict | None, tolerance_se: float, k: int
+) -> list[str]:
+    """Why ``candidate`` (from :func:`gate_metrics`) may not replace the
+    ``champion``: one line per figure more than ``tolerance_se`` of its
+    standard errors below the champion's; empty when it passes, as the
+    first version always does."""
     if champion is None:
-        return True
-    for cohort in ("cold", "warm"):
+        return []
+    if champion.get("k", k) != k:
+        return [
+            f"the champion (version {champion['version']}) was measured on "
+            f"Recall@{champion['k']} and this version on Recall@{k}: not "
+            "comparable; use the champion's eval_k"
+        ]
+    refusals = []
+    for cohort, metric in GATE_METRICS.items():
         se = candidate[f"{cohort}_se"]
         # Under two ranked users there is no standard error: no tolerance.
         margin = tolerance_se * se if math.isfinite(se) else 0.0
         if candidate[cohort] < champion[cohort] - margin:
-            return False
-    return True
+            refusals.append(
+                f"{metric.format(k=k)} {candidate[cohort]:.4f} is below the "
+                f"champion's (version {champion['version']}) "
+                f"{champion[cohort]:.4f} by more than {margin:.4f} "
+                f"({tolerance_se:g} standard errors of {se:.4f})"
+            )
+    return refusals
 
 
 def export_bundle(config: PipelineConfig) -> Path:
@@ -126,11 +147,14 @@ def champion_gate(client: MlflowClient, config: PipelineConfig) -> dict | None:
     except MlflowException:
         return None
     tags = version.tags
-    return {
+    champion = {
         "version": version.version,
         "cold": float(tags["gate.cold_recall"]),
         "warm": float(tags["gate.warm_recall"]),
     }
+    if "gate.k" in tags:  # versions registered before it was tagged lack it
+        champion["k"] = int(tags["gate.k"])
+    return champion
 
 
 def _student_trained(config: PipelineConfig) -> bool:
@@ -165,44 +189,49 @@ def run_register(config: PipelineConfig) -> dict:
             pip_requirements=["emarec"],
         )
         version = mlflow.register_model(info.model_uri, config.model_name)
-        client.set_model_version_tag(
-            config.model_name, version.version, "gate.cold_recall", str(gate["cold"])
-        )
-        client.set_model_version_tag(
-            config.model_name, version.version, "gate.warm_recall", str(gate["warm"])
-        )
-        client.set_model_version_tag(
-            config.model_name, version.version, "training_run_id", run.info.run_id
-        )
+        tags = {
+            "gate.cold_recall": gate["cold"],
+            "gate.warm_recall": gate["warm"],
+            "gate.cold_recall_se": gate["cold_se"],
+            "gate.warm_recall_se": gate["warm_se"],
+            "gate.k": config.eval_k,
+            "gate.tolerance_se": config.gate_tolerance_se,
+            "training_run_id": run.info.run_id,
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(
+                config.model_name, version.version, key, str(value)
+            )
         current = champion_gate(client, config)
-        trained = _student_trained(config)
-        promoted = trained and passes_gate(gate, current, config.gate_tolerance_se)
+        refused = gate_refusals(gate, current, config.gate_tolerance_se, config.eval_k)
+        if not _student_trained(config):
+            refused.append("the student took no distillation step")
+        promoted = not refused
         if promoted:
             client.set_registered_model_alias(config.model_name, config.alias, version.version)
+        else:
+            client.set_model_version_tag(
+                config.model_name, version.version, "gate.refused", "; ".join(refused)
+            )
         mlflow.log_metric("register/promoted", float(promoted))
         mlflow.set_tag("registered_version", version.version)
     result = {
         "version": version.version,
         "promoted": promoted,
+        "refused": refused,
         "candidate": gate,
         "champion_before": current,
+        "tolerance_se": config.gate_tolerance_se,
     }
     if promoted:
         logger.info("version %s is now %r", version.version, config.alias)
-    elif current is not None:
+    else:
         logger.warning(
-            "version %s kept out of %r: cold %.4f vs %.4f, warm %.4f vs %.4f "
-            "(tolerance %.4f and %.4f: %g standard errors)",
+            "version %s kept out of %r: %s (gate_tolerance_se in the pipeline "
+            "config sets the tolerance)",
             version.version,
             config.alias,
-            gate["cold"],
-            current["cold"],
-            gate["warm"],
-            current["warm"],
-            config.gate_tolerance_se * gate["cold_se"],
-            config.gate_tolerance_se * gate["warm_se"],
-            config.gate_tolerance_se,
+            "; ".join(refused),
         )
     (Path(config.work_dir) / "register.json").write_text(json.dumps(result, indent=2))
     return result
-

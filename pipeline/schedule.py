@@ -26,6 +26,7 @@ def config_for_run(params: dict, run_id: str) -> PipelineConfig:
         "tracking_uri": params.get("tracking_uri"),
         "experiment": params.get("experiment"),
         "model_name": params.get("model_name"),
+        "gate_tolerance_se": params.get("gate_tolerance_se"),
         "train": {k: params[k] for k in TRAIN_PARAMS if params.get(k) is not None},
     }
     given = {k: v for k, v in raw.items() if v is not None}

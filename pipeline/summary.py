@@ -28,7 +28,7 @@ def format_summary(config: PipelineConfig, results: dict) -> str:
         + (
             f"now {config.alias!r}"
             if register["promoted"]
-            else f"kept out of {config.alias!r} (see the log for why)"
+            else f"kept out of {config.alias!r}: " + "; ".join(register["refused"])
         ),
         f"MLflow     {config.tracking_uri}, experiment {config.experiment!r}",
         f"work dir   {config.work_dir}",

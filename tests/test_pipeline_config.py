@@ -172,6 +172,15 @@ def test_dag_params_with_an_impossible_value_say_so(tmp_path: Path) -> None:
         config_for_run({"epochs": 0, "work_root": str(tmp_path)}, "manual")
 
 
+def test_dag_params_set_the_gate_tolerance(tmp_path):
+    config = config_for_run({"gate_tolerance_se": 0, "work_root": str(tmp_path)}, "")
+    assert config.gate_tolerance_se == 0
+    default = config_for_run({"work_root": str(tmp_path)}, "manual")
+    assert default.gate_tolerance_se == 2.0
+    with pytest.raises(ConfigError, match="field 'gate_tolerance_se' is -1"):
+        config_for_run({"gate_tolerance_se": -1, "work_root": str(tmp_path)}, "")
+
+
 def test_dag_params_can_shard_the_train_step(tmp_path):
     config = config_for_run({"nproc": 2, "work_root": str(tmp_path)}, "manual")
     assert config.train.nproc == 2

@@ -149,6 +149,12 @@ def test_worse_candidate_is_registered_but_not_promoted(pipeline_run, tmp_path):
     assert outcome["promoted"] is False
     assert int(outcome["version"]) > int(results["register"]["version"])
     assert champion.version == str(results["register"]["version"])
+    # It says why, in the result and on the version, naming the figure.
+    (refusal,) = outcome["refused"]
+    assert refusal.startswith("cold Recall@10 (INT8 student)")
+    kept_out = client.get_model_version(MODEL, outcome["version"])
+    assert kept_out.tags["gate.refused"] == refusal
+    assert float(kept_out.tags["gate.cold_recall_se"]) == pytest.approx(se)
 
 
 def test_registered_model_loads_as_pyfunc(pipeline_run):

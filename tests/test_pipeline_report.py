@@ -95,7 +95,7 @@ def test_report_over_two_seeds_lands_in_mlflow(mlflow_server, ml100k_dir, tmp_pa
     stats = pd.read_csv(tmp_path / "report" / "report.csv", index_col=0)
     users = stats.loc["ranked_users/cold", "mean"]
     assert users > 100 and stats.loc["ranked_users/cold", "std"] == 0
-    assert f"over {users:.0f} cold users, a mean Recall@10 has" in written
+    assert f"over its {users:.0f} ranked cold users" in written
     diff = stats.loc["distillation/cold/recall_at_10_diff", "mean"]
     distilled = stats.loc["student/cold/recall_at_10", "mean"]
     labels_only = stats.loc["student_no_distill/cold/recall_at_10", "mean"]
@@ -150,31 +150,36 @@ def test_targets_section_says_what_is_missed_and_why_the_lift_falls_short():
     )
     assert "INT8 student cold Recall@10: 0.4000 against >= 0.37: met" in text
     assert (
-        "warm Recall@10: 0.1100 against >= 0.115: missed by 0.0050; the best row "
-        "here, EMA teacher (fixed decay), reaches 0.1100 (over 750 warm users, a "
-        "mean Recall@10 has a standard error of 0.0071)" in text
+        "warm Recall@10: 0.1100 (standard error 0.0071 over its 750 ranked warm "
+        "users; the table's ± is the spread over seeds) against >= 0.115: missed "
+        "by 0.0050; the best row here, EMA teacher (fixed decay), reaches 0.1100"
+        in text
     )
     # No standard error for the cold figure in these stats: no clause.
-    assert "cold users, a mean" not in text
+    assert "ranked cold users" not in text
     assert "cold AUC: -0.0020 (within 0.003: met)" in text
     assert "cold Recall@10: +0.0040 (within 0.003: missed)" in text
     assert "-3.0% against +18%: short by 21.0%" in text
     assert "reaches 0.2900 on cold users against 0.3300" in text
+    assert "never trained" in text
     assert (
         "minus the labels-only student's averages -0.0100, with a standard error "
         "of 0.0040 over users: beyond two standard errors of no difference" in text
     )
 
 
-def targets_text(labels_only_cold: float, distilled_cold: float) -> str:
-    """The targets section with the INT8 student as faithful as can be."""
-    stats = report_stats(0.29, labels_only_cold, distilled_cold)
-    figures = {
+def lift_figures(labels_only_cold: float, distilled_cold: float) -> dict:
+    """The findings, with the INT8 student as faithful as can be."""
+    return {
         "distillation_cold_recall_lift": distilled_cold / labels_only_cold - 1,
         "int8_cold_auc_delta": 0.0,
         "int8_cold_recall_delta": 0.0,
     }
-    return targets_section(stats, figures)
+
+
+def targets_text(labels_only_cold: float, distilled_cold: float) -> str:
+    stats = report_stats(0.29, labels_only_cold, distilled_cold)
+    return targets_section(stats, lift_figures(labels_only_cold, distilled_cold))
 
 
 def test_targets_section_says_when_the_lift_is_within_the_users_noise():
@@ -204,5 +209,32 @@ def test_paired_lift_compares_the_same_cold_users():
 
 def test_targets_section_met_lift_needs_no_excuse():
     text = targets_text(labels_only_cold=0.30, distilled_cold=0.40)
-    assert "Distillation lift, cold Recall@10: +33.3%: met" in text
+    assert "Distillation lift, cold Recall@10: +33.3%: met." in text
     assert "never trained" not in text
+    # Met or not, the lift is also given user by user.
+    assert "averages +0.1000, with a standard error of 0.0040 over users: beyond" in (
+        text
+    )
+
+
+def test_the_lift_has_no_reason_the_figures_contradict():
+    # The teacher ranks new users better than the labels-only student here:
+    # that is not why the lift falls short.
+    stats = report_stats(0.34, labels_only_cold=0.33, distilled_cold=0.335)
+    text = targets_section(stats, lift_figures(0.33, 0.335))
+    assert "reaches 0.3400 on cold users against 0.3300" in text
+    assert "never trained" not in text
+
+
+def test_too_few_users_give_no_verdict_on_the_lift():
+    stats = report_stats(0.29, labels_only_cold=0.33, distilled_cold=0.335)
+    stats.loc["distillation/cold/recall_at_10_diff_se", "mean"] = float("nan")
+    text = targets_section(stats, lift_figures(0.33, 0.335))
+    assert "averages +0.0050 (too few users for a standard error)." in text
+    assert "standard errors of no difference" not in text
+
+
+def test_the_report_refuses_another_k_before_training(tmp_path):
+    config = PipelineConfig(data=tmp_path / "nowhere", work_dir=tmp_path, eval_k=5)
+    with pytest.raises(ValueError, match="eval_k is 5.*Recall@10"):
+        run_report(config, seeds=1)
