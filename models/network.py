@@ -322,10 +322,14 @@ class RecNetwork(nn.Module):
         return self.item_proj(pooled).reshape(*item_idx.shape, -1)
 
     def user_inputs(self, user_idx: torch.Tensor, user_feats: torch.Tensor) -> torch.Tensor:
-        """Pooled user-side embeddings, ``[B, K * D]``."""
+        """Pooled user-side embeddings, ``[B, K * D]``; ``K`` is 0 for a
+        network without the user id (the student) on a log without user
+        features: it reads the history alone."""
         columns = ([user_idx] if self.config.use_user_id else []) + list(
             user_feats.unbind(1)
         )
+        if not columns:
+            return torch.zeros(len(user_idx), 0)
         values = torch.cat(columns)
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.user_keys, values=values, lengths=torch.ones_like(values)

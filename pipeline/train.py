@@ -246,11 +246,15 @@ class Trainer:
 
         Each data shard shuffles its rows with fresh negatives and puts
         ``part_rows()`` of them in every batch; shards smaller than the largest
-        go round their rows again, so all take the same number of steps.
+        go round their rows again, so all take the same number of steps. A
+        shard without training rows (a small log can leave one with no warm
+        user) puts none.
         """
         size, steps = self.part_rows(), self.steps_per_epoch()
         shuffled = []
         for shard, part in self.parts.items():
+            if len(part) == 0:
+                continue
             rng = self._rng(0, epoch, shard)
             negatives = sample_negatives(
                 part,

@@ -12,12 +12,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.run import run_step
 
 from tests.conftest import E2E_MODEL as MODEL
@@ -204,3 +205,29 @@ def test_a_step_with_another_tracking_store_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="use the tracking URI of its first step"):
         with tracked_run(config):
             pass
+
+
+def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
+    # Twelve users over eight data shards: some shards get no warm user. The
+    # log has no user features either: the student reads the history alone.
+    rng = np.random.default_rng(0)
+    rows = [
+        (user, int(item), 1000 * user + t, int(rng.integers(1, 6)))
+        for user in range(1, 13)
+        for t, item in enumerate(rng.choice(np.arange(1, 40), 12, replace=False))
+    ]
+    log = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["u", "i", "t", "r"]).to_csv(log, index=False)
+    mapping = tmp_path / "mapping.json"
+    columns = {"user": "u", "item": "i", "timestamp": "t", "rating": "r"}
+    mapping.write_text(json.dumps(columns))
+    config = PipelineConfig(
+        data=log,
+        mapping=mapping,
+        work_dir=tmp_path / "w",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        train=TrainConfig(max_steps=3, student_epochs=1, distill_interval=1),
+    )
+    run_step("ingest", config)
+    summary = run_step("train", config)
+    assert summary["teacher_steps"] == 3 and summary["student_steps"] > 3
