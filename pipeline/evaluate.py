@@ -308,7 +308,9 @@ def run_evaluate(config: PipelineConfig) -> dict:
 
     out = eval_dir(config.work_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # JSON has no NaN: a figure a cohort too small cannot give is null.
+    finite = {k: v if np.isfinite(v) else None for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     recalls.to_csv(out / USER_RECALL, index=False)
     table = quality_table(metrics, config.eval_k)
     (out / "quality.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")

@@ -80,7 +80,10 @@ def gate_refusals(
     refusals = []
     for cohort, metric in GATE_METRICS.items():
         se = candidate[f"{cohort}_se"]
-        # Under two ranked users there is no standard error: no tolerance.
+        # Under two ranked users there is no standard error (NaN, or null
+        # in metrics.json): no tolerance.
+        if se is None or not math.isfinite(se):
+            se = math.nan
         margin = tolerance_se * se if math.isfinite(se) else 0.0
         if candidate[cohort] < champion[cohort] - margin:
             refusals.append(

@@ -208,12 +208,12 @@ def test_a_step_with_another_tracking_store_says_so(tmp_path):
 
 
 def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
-    # Twelve users over eight data shards: some shards get no warm user. The
+    # Nine users over eight data shards: some shards get no warm user. The
     # log has no user features either: the student reads the history alone.
     rng = np.random.default_rng(0)
     rows = [
         (user, int(item), 1000 * user + t, int(rng.integers(1, 6)))
-        for user in range(1, 13)
+        for user in range(1, 10)
         for t, item in enumerate(rng.choice(np.arange(1, 40), 12, replace=False))
     ]
     log = tmp_path / "log.csv"
@@ -231,3 +231,17 @@ def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
     run_step("ingest", config)
     summary = run_step("train", config)
     assert summary["teacher_steps"] == 3 and summary["student_steps"] > 3
+    run_step("quantize", config)
+    metrics = run_step("evaluate", config)
+    # One cold user (5): no standard error over the cold cohort, and
+    # metrics.json stays strict JSON (null, not NaN).
+    assert np.isnan(metrics["student_int8/cold/recall_at_10_se"])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.json")
+
+    text = (config.work_dir / "eval" / "metrics.json").read_text()
+    written = json.loads(text, parse_constant=refuse)
+    assert written["student_int8/cold/recall_at_10_se"] is None
+    auc = "popularity/warm/auc"
+    assert written[auc] == pytest.approx(metrics[auc])

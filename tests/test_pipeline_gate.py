@@ -43,8 +43,9 @@ def test_a_drop_beyond_the_standard_errors_says_which_figure():
     assert len(warm) == 1 and warm[0].startswith("warm Recall@10 (EMA teacher) 0.1080")
 
 
-def test_without_a_standard_error_the_gate_is_strict():
-    figures = candidate(0.359, 0.12) | {"cold_se": float("nan")}
+@pytest.mark.parametrize("missing", [float("nan"), None])
+def test_without_a_standard_error_the_gate_is_strict(missing):
+    figures = candidate(0.359, 0.12) | {"cold_se": missing}
     assert len(gate_refusals(figures, CHAMPION, 2.0, 10)) == 1
     assert gate_refusals(figures | {"cold": 0.36}, CHAMPION, 2.0, 10) == []
 
