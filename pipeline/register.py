@@ -82,15 +82,18 @@ def gate_refusals(
         se = candidate[f"{cohort}_se"]
         # Under two ranked users there is no standard error (NaN, or null
         # in metrics.json): no tolerance.
-        if se is None or not math.isfinite(se):
-            se = math.nan
-        margin = tolerance_se * se if math.isfinite(se) else 0.0
+        known = se is not None and math.isfinite(se)
+        margin = tolerance_se * se if known else 0.0
         if candidate[cohort] < champion[cohort] - margin:
+            why = (
+                f"{tolerance_se:g} standard errors of {se:.4f}"
+                if known
+                else "no standard error"
+            )
             refusals.append(
                 f"{metric.format(k=k)} {candidate[cohort]:.4f} is below the "
                 f"champion's (version {champion['version']}) "
-                f"{champion[cohort]:.4f} by more than {margin:.4f} "
-                f"({tolerance_se:g} standard errors of {se:.4f})"
+                f"{champion[cohort]:.4f} by more than {margin:.4f} ({why})"
             )
     return refusals
 
@@ -231,7 +234,7 @@ def run_register(config: PipelineConfig) -> dict:
     else:
         logger.warning(
             "version %s kept out of %r: %s (gate_tolerance_se in the pipeline "
-            "config sets the tolerance)",
+            "config sets the gate's tolerance)",
             version.version,
             config.alias,
             "; ".join(refused),
