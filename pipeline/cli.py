@@ -67,28 +67,54 @@ def _flag_values(args: argparse.Namespace) -> dict[str, object]:
 
 
 def build_config(args: argparse.Namespace) -> PipelineConfig:
-    """The config file (if any), then command-line values over it.
+    """The run's settings: the config file, or those of the run already in
+    ``--work-dir``; then command-line values over them.
+
+    A later step of an existing run (train, quantize, evaluate, register)
+    starts from that run's saved settings and lays only the keys the
+    ``--config`` file sets over them: the file changes what it names, not
+    every setting it leaves out. ``run`` and ``ingest`` start a run afresh
+    from the file alone.
 
     Raises:
         ConfigError: a value is impossible; the message names the option or
             file it came from.
     """
-    raw, base = {}, "the defaults"
+    raw, base, given = {}, "the defaults", {}
+    saved = args.work_dir / "config.json" if args.work_dir else None
+    later_step = args.command in STEP_NAMES and args.command != "ingest"
+    if saved is not None and saved.is_file() and (later_step or not args.config):
+        base = str(saved)
+        raw = PipelineConfig.load(saved).model_dump()
     if args.config:
-        raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
-        base = str(args.config)
-    elif args.work_dir and (args.work_dir / "config.json").is_file():
-        # A later step of an existing run: reuse that run's settings.
-        base = str(args.work_dir / "config.json")
-        raw = PipelineConfig.load(args.work_dir / "config.json").model_dump()
+        given = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
+        if raw:
+            _overlay(raw, given)
+        else:
+            raw, base = given, str(args.config)
     flags = _flag_values(args)
     raw.setdefault("train", {})
     for name, value in flags.items():
         *parents, key = name.split(".")
         (raw[parents[0]] if parents else raw)[key] = value
-    return PipelineConfig.validated(
-        raw, lambda name: FLAGS[name] if name in flags else base
-    )
+
+    def origin(name: str) -> str:
+        if name in flags:
+            return FLAGS[name]
+        *parents, key = name.split(".")
+        section = given.get(parents[0], {}) if parents else given
+        return str(args.config) if key in section else base
+
+    return PipelineConfig.validated(raw, origin)
+
+
+def _overlay(raw: dict, given: dict) -> None:
+    """Sets in ``raw`` each key ``given`` sets, section by section."""
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
 
 
 def cmd_run(args) -> int:

@@ -4,6 +4,8 @@ refused with a message naming the key."""
 from __future__ import annotations
 
 import os
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,14 +36,43 @@ class ConfigError(ValueError):
     """A setting is impossible; the message names where it came from and the fix."""
 
 
-class TrainConfig(BaseModel):
+def _takes_number(annotation) -> bool:
+    """Whether a field of this type holds a number and not a yes or no."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        return bool not in options and any(o in (int, float) for o in options)
+    return annotation in (int, float)
+
+
+class _Settings(BaseModel):
+    """Unknown keys are refused; so is a yes or no where a number goes, which
+    pydantic would otherwise read as 1 or 0 (YAML's ``true`` for a share,
+    say)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _number_not_yes_no(cls, value, info: ValidationInfo):
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, bool) and _takes_number(field.annotation):
+            if field.default is None or field.default_factory:
+                example = ", or leave the key out for the default"
+            else:
+                example = f", e.g. the default {field.default!r}"
+            raise ValueError(
+                f"{str(value).lower()} is a yes or no, not a number: write a "
+                f"number{example}"
+            )
+        return value
+
+
+class TrainConfig(_Settings):
     """How the teacher, its EMA and the student train.
 
     Bounds are declared on each field with a description; a value outside them
     is refused by :meth:`PipelineConfig.validated` with both in the message.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of the initial weights and the sampling")
     embedding_dim: int = Field(
@@ -274,10 +305,8 @@ class TrainConfig(BaseModel):
         return value
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(_Settings):
     """Where the data comes from, where the run writes, and MLflow."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: Path | None = None
     mapping: Path | None = None

@@ -213,3 +213,69 @@ def test_cli_names_the_flag_of_a_value_that_conflicts_with_another(
     err = capsys.readouterr().err
     assert err.startswith(starts)
     assert says in err
+
+
+NUMBERS = [
+    name
+    for name, field in TrainConfig.model_fields.items()
+    if field.annotation in (int, float, int | None)
+]
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+def test_a_yes_or_no_is_no_number(tmp_path: Path, name: str) -> None:
+    # YAML reads `true` as a bool, which pydantic would take for 1.
+    path = tmp_path / "config.yaml"
+    path.write_text(f"train:\n  {name}: true\n")
+    with pytest.raises(ConfigError) as caught:
+        PipelineConfig.from_file(path)
+    expected = f"{path}: field 'train.{name}': true is a yes or no, not a number"
+    assert str(caught.value).startswith(expected)
+
+
+def test_a_yes_or_no_stays_one_for_a_switch(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("gate_tolerance_se: false\ntrain:\n  background_sync: false\n")
+    with pytest.raises(ConfigError, match="'gate_tolerance_se': false is a yes or no"):
+        PipelineConfig.from_file(path)
+    path.write_text("train:\n  background_sync: false\n  epochs: 2\n")
+    config = PipelineConfig.from_file(path)
+    assert config.train.background_sync is False and config.train.epochs == 2
+
+
+def parsed(argv: list[str]):
+    from pipeline.cli import make_parser
+
+    return make_parser().parse_args(argv)
+
+
+def test_a_later_step_lays_its_config_file_over_the_run_s_settings(tmp_path: Path):
+    from pipeline.cli import build_config
+
+    work = tmp_path / "w"
+    work.mkdir()
+    first = {"eval_k": 5, "train": {"epochs": 2, "seed": 3, "embedding_dim": 16}}
+    PipelineConfig.validated(first, "first").save(work / "config.json")
+    later = write_config(tmp_path / "later.json", {"seed": 4})
+    argv = ["--work-dir", str(work), "--config", str(later), "--epochs", "1"]
+    config = build_config(parsed(["evaluate", *argv]))
+    assert (config.eval_k, config.train.embedding_dim) == (5, 16), "kept from the run"
+    assert (config.train.seed, config.train.epochs) == (4, 1), "file, then flag"
+    # A new run starts from the file alone.
+    fresh = build_config(parsed(["run", *argv]))
+    assert (fresh.eval_k, fresh.train.embedding_dim, fresh.train.seed) == (10, 32, 4)
+
+
+def test_a_later_step_names_the_file_of_its_impossible_value(tmp_path: Path):
+    from pipeline.cli import build_config
+
+    work = tmp_path / "w"
+    work.mkdir()
+    PipelineConfig(train=TrainConfig(data_shards=6)).save(work / "config.json")
+    # Valid alone (the default data_shards is 8), not with the run's 6.
+    later = write_config(tmp_path / "later.json", {"nproc": 4})
+    PipelineConfig.from_file(later)
+    argv = ["quantize", "--work-dir", str(work), "--config", str(later)]
+    with pytest.raises(ConfigError) as caught:
+        build_config(parsed(argv))
+    assert str(caught.value).startswith(f"{later}: field 'train.nproc'")
