@@ -20,6 +20,12 @@ def is_cold(user_id: int | np.ndarray) -> bool | np.ndarray:
     return user_id % COLD_MODULUS == 0
 
 
+def holdout_events(count: int) -> int:
+    """Events a warm user of ``count`` events gives to valid, and as many to
+    test; the rest, if any, are train (Python's ``round``: half to even)."""
+    return max(1, round(0.1 * int(count)))
+
+
 def split_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
     """Assigns every event its cohort and split.
 
@@ -38,8 +44,7 @@ def split_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
     count = events.groupby("user_id")["item_id"].transform("size").to_numpy()
     cold = is_cold(events["user_id"].to_numpy())
 
-    # round() per distinct count keeps Python's half-to-even rule exactly.
-    n_holdout = {n: max(1, round(0.1 * n)) for n in np.unique(count)}
+    n_holdout = {n: holdout_events(n) for n in np.unique(count)}
     holdout = np.array([n_holdout[n] for n in count], dtype=np.int64)
     n_train = count - 2 * holdout
 

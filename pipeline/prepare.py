@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from data.examples import Examples, RankingUser, build_examples, ranking_users
 from data.features import FeatureSpace
-from data.split import is_cold, split_interactions
+from data.split import holdout_events, is_cold, split_interactions
 from pipeline.ingest import interactions_path, read_ingested
 
 
@@ -61,6 +61,20 @@ def owned_shards(rank: int, world_size: int, shards: int) -> list[int]:
             f"train.data_shards to a multiple of {world_size}"
         )
     return list(range(rank, shards, world_size))
+
+
+def ranks_without_training_rows(
+    work_dir: Path, world_size: int, shards: int
+) -> list[int]:
+    """The ranks of a ``world_size``-process run whose data shards (see
+    :func:`owned_shards`) hold no warm user with a training event, from the
+    ingested user-id column alone."""
+    column = pq.read_table(interactions_path(work_dir), columns=["user_id"])
+    ids, counts = np.unique(column.column("user_id").to_numpy(), return_counts=True)
+    trains = np.array([n - 2 * holdout_events(n) > 0 for n in counts], dtype=bool)
+    trains &= ~is_cold(ids)
+    fed = {int(s) % world_size for s in data_shard(ids[trains], shards)}
+    return [rank for rank in range(world_size) if rank not in fed]
 
 
 def prepare(

@@ -56,7 +56,13 @@ from models.sharding import LocalPlacement
 from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.prepare import Prepared, data_shard, owned_shards, prepare
+from pipeline.prepare import (
+    Prepared,
+    data_shard,
+    owned_shards,
+    prepare,
+    ranks_without_training_rows,
+)
 from pipeline.tracking import flatten, tracked_run
 
 logger = logging.getLogger(__name__)
@@ -143,6 +149,8 @@ class Trainer:
         }
         space = prepared.space
         train = prepared.select("warm", "train")
+        if len(train) == 0:
+            raise ValueError(self._no_rows(config))
         counts = np.bincount(train.item_idx[train.rated == 1], minlength=space.num_items)
         self.item_log_count = torch.from_numpy(np.log1p(counts).astype(np.float32))
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
@@ -161,7 +169,8 @@ class Trainer:
             # make it before the EMA pairs the teacher's tensors by name. Past
             # DDP (``.module``), whose static graph is the first training step's.
             with torch.no_grad():
-                batch = Batch.from_examples(self.train_examples.take(np.arange(2)))
+                first = np.arange(min(2, len(self.train_examples)))
+                batch = Batch.from_examples(self.train_examples.take(first))
                 self.teacher.module(batch)
         self.ema = EMA(
             self.teacher,
@@ -208,6 +217,18 @@ class Trainer:
         self.curves = Curves(log=self.placement.is_writer)
         self.step = 0
         self.student_steps = 0
+
+    def _no_rows(self, config: TrainConfig) -> str:
+        """Why this rank has nothing to train on, and the fix (ingest has
+        refused a log without warm training rows at all)."""
+        rank, world = self.placement.rank, self.placement.world_size
+        shards = owned_shards(rank, world, config.data_shards)
+        return (
+            f"rank {rank} of {world} reads data shards {shards} (user_id % "
+            f"{config.data_shards}), which hold no warm user with a training "
+            "event: the log is too small to split over this many processes. "
+            "Train with fewer processes (--nproc), or in one (--nproc 0)"
+        )
 
     def _network(self, config: NetworkConfig, trainable: bool = True) -> nn.Module:
         network = RecNetwork(config, self.prepared.space.item_tokens)
@@ -894,6 +915,16 @@ def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
         raise ValueError(
             "--sharding row_wise needs CUDA: TorchRec shards tables row-wise on GPUs "
             "only; on CPU use table_wise or column_wise"
+        )
+    train = config.train
+    empty = ranks_without_training_rows(config.work_dir, train.nproc, train.data_shards)
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of {train.nproc} processes would have no training "
+            f"rows (ranks {empty}): no warm user with a training event falls in "
+            f"their data shards (user_id % {train.data_shards}); the log is too "
+            "small to split over this many processes. Train with fewer "
+            "(--nproc), or in one (--nproc 0)"
         )
     folder = model_dir(config.work_dir)
     if resume:

@@ -18,8 +18,11 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
+from models.sharding import LocalPlacement
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.prepare import prepare, ranks_without_training_rows
 from pipeline.run import run_step
+from pipeline.train import Trainer
 
 from tests.conftest import E2E_MODEL as MODEL
 
@@ -207,13 +210,12 @@ def test_a_step_with_another_tracking_store_says_so(tmp_path):
             pass
 
 
-def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
-    # Nine users over eight data shards: some shards get no warm user. The
-    # log has no user features either: the student reads the history alone.
+def small_log_config(tmp_path: Path, users, **train) -> PipelineConfig:
+    """A run over a generic log (no user features) of 12 events per user."""
     rng = np.random.default_rng(0)
     rows = [
         (user, int(item), 1000 * user + t, int(rng.integers(1, 6)))
-        for user in range(1, 10)
+        for user in users
         for t, item in enumerate(rng.choice(np.arange(1, 40), 12, replace=False))
     ]
     log = tmp_path / "log.csv"
@@ -221,12 +223,20 @@ def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
     mapping = tmp_path / "mapping.json"
     columns = {"user": "u", "item": "i", "timestamp": "t", "rating": "r"}
     mapping.write_text(json.dumps(columns))
-    config = PipelineConfig(
+    return PipelineConfig(
         data=log,
         mapping=mapping,
         work_dir=tmp_path / "w",
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        train=TrainConfig(max_steps=3, student_epochs=1, distill_interval=1),
+        train=TrainConfig(**train),
+    )
+
+
+def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
+    # Nine users over eight data shards: some shards get no warm user. The
+    # log has no user features either: the student reads the history alone.
+    config = small_log_config(
+        tmp_path, range(1, 10), max_steps=3, student_epochs=1, distill_interval=1
     )
     run_step("ingest", config)
     summary = run_step("train", config)
@@ -245,3 +255,39 @@ def test_a_log_that_leaves_a_data_shard_without_training_rows_trains(tmp_path):
     assert written["student_int8/cold/recall_at_10_se"] is None
     auc = "popularity/warm/auc"
     assert written[auc] == pytest.approx(metrics[auc])
+
+
+class _Rank(LocalPlacement):
+    """One rank's view of the data, in this process (the sharded run itself
+    is tested in test_pipeline_sharded)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+
+def test_a_rank_whose_data_shards_hold_no_training_rows_says_so(tmp_path, capsys):
+    # Users 1-9 over 8 data shards: shard 5 holds user 5 alone, who is cold.
+    config = small_log_config(tmp_path, range(1, 10), max_steps=3)
+    run_step("ingest", config)
+    work = config.work_dir
+    assert ranks_without_training_rows(work, 8, 8) == [5]
+    assert ranks_without_training_rows(work, 4, 8) == []  # rank 1: shards 1, 5
+    # Refused before torchrun starts, not by one rank of it.
+    capsys.readouterr()
+    assert main(["train", "--work-dir", str(work), "--nproc", "8"]) == 2
+    err = capsys.readouterr().err
+    refused = "emarec: 1 of 8 processes would have no training rows (ranks [5])"
+    assert err.startswith(refused)
+    assert not (work / "model" / "train_config.json").exists()
+    # A rank started by hand (torchrun on several machines) says so too.
+    for rank in (1, 5):
+        prepared = prepare(config.work_dir, 20, shard=(rank, 8, 8))
+        if rank == 1:  # users 1 and 9: something to train on
+            Trainer(prepared, config.train, placement=_Rank(rank, 8))
+            continue
+        with pytest.raises(ValueError) as caught:
+            Trainer(prepared, config.train, placement=_Rank(rank, 8))
+    message = str(caught.value)
+    assert message.startswith("rank 5 of 8 reads data shards [5] (user_id % 8)")
+    assert "Train with fewer processes (--nproc), or in one (--nproc 0)" in message
+
