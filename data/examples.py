@@ -163,19 +163,30 @@ def sample_negatives(
     seen: dict[int, set[int]],
     per_example: int,
     rng: np.random.Generator,
+    probabilities: np.ndarray | None = None,
 ) -> Examples:
     """Pairs each example with unseen items as non-interactions, sharing its history.
 
     Items the user has already seen are re-drawn once; the rare collision left
     after that is kept (it costs a little label noise, not a bias).
+
+    Args:
+        probabilities: each item index's chance to be drawn, ``[num_items]``
+            (0 for the padding item 0); uniform over the items if None.
     """
     if per_example == 0:
         return examples.take(np.arange(0))
     repeated = examples.take(np.repeat(np.arange(len(examples)), per_example))
-    items = rng.integers(1, num_items, size=len(repeated))
+
+    def draw(size=None):
+        if probabilities is None:
+            return rng.integers(1, num_items, size=size)
+        return rng.choice(num_items, size=size, p=probabilities)
+
+    items = draw(len(repeated))
     for i, (user, item) in enumerate(zip(repeated.user_id, items)):
         if item in seen.get(int(user), ()):
-            items[i] = rng.integers(1, num_items)
+            items[i] = draw()
     repeated.item_idx = items.astype(np.int64)
     repeated.feedback = np.full(len(repeated), FEEDBACK_UNKNOWN, np.int64)
     repeated.label = np.zeros(len(repeated), np.float32)

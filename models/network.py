@@ -12,7 +12,9 @@ attention weights and an interest vector, and a two-output head scores the pair:
 - ``like``: will the user click (rate 4 or 5) the item if it is shown to them;
   trained on logged interactions only, it is the click probability;
 - ``interact``: would the user pick the item at all; trained on logged
-  interactions against sampled unseen items.
+  interactions against sampled unseen items (drawn by popularity, see
+  ``NetworkConfig.negative_popularity``: popular items the user passed over
+  teach more than obscure ones, and ranking corrects for the draw).
 
 Ranking uses ``log P(interact) + log P(like)``: one logit alone is either good
 at ranking (interactions) or at predicting clicks on shown items (likes), not
@@ -155,6 +157,12 @@ class NetworkConfig:
     # interactions) (buffer ``item_log_count``, filled by the trainer): the
     # network learns how a user departs from popularity, not popularity too.
     popularity_offset: bool = False
+    # Negatives were drawn in proportion to (train interactions + 1) to this
+    # power: the interaction logit learned against them is the user's odds
+    # over that draw, and ranking adds back the log of each item's draw
+    # probability over a uniform draw (buffer ``negative_log_ratio``, filled
+    # by the trainer). 0: uniform negatives, nothing added.
+    negative_popularity: float = 0.0
 
     @classmethod
     def from_space(cls, space: FeatureSpace, use_user_id: bool, **dims) -> "NetworkConfig":
@@ -271,6 +279,8 @@ class RecNetwork(nn.Module):
         self.head = PairHead([5 * d, config.hidden_dim, config.hidden_dim // 2, 2])
         if config.popularity_offset:
             self.register_buffer("item_log_count", torch.zeros(config.num_items))
+        if config.negative_popularity:
+            self.register_buffer("negative_log_ratio", torch.zeros(config.num_items))
         if config.history_feedback:
             # Added to each history item's vector: the user's answer to it.
             # Three codes (eight with ratings), a dense parameter rather than
@@ -415,6 +425,9 @@ class RecNetwork(nn.Module):
         items = cache.items[None].expand(size, -1, -1)  # [B, N, D]
         queries = cache.queries[None].expand(size, -1, -1)  # [B, N, D]
         offset = self._offset(cache.candidates[None])
+        if self.config.negative_popularity:
+            ratio = self.negative_log_ratio[cache.candidates][None]
+            offset = ratio if offset is None else offset + ratio
         logits, _ = self._score(
             users.user, users.history, users.mask, items, queries, offset
         )

@@ -133,6 +133,16 @@ class TrainConfig(_Settings):
         description="both networks' interaction logit starts from the log of "
         "the item's train interactions; they learn the user's departure from it",
     )
+    negative_popularity: float = Field(
+        1.0,
+        ge=0,
+        le=2,
+        description="sampled negatives are drawn in proportion to (the item's "
+        "train interactions + 1) to this power, and ranking adds back the log "
+        "of each item's draw probability over a uniform draw; 0: uniform "
+        "negatives. Popular items a user passed over teach the ranking more "
+        "than obscure ones",
+    )
     history_ratings: bool = Field(
         True,
         description="with history_feedback, the networks read the 1-5 rating "

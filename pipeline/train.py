@@ -146,13 +146,20 @@ class Trainer:
             "history_feedback": config.history_feedback,
             "feedback_ratings": config.history_feedback and config.history_ratings,
             "popularity_offset": config.popularity_offset,
+            "negative_popularity": config.negative_popularity,
         }
         space = prepared.space
         train = prepared.select("warm", "train")
         if len(train) == 0:
             raise ValueError(self._no_rows(config))
         counts = np.bincount(train.item_idx[train.rated == 1], minlength=space.num_items)
+        # Every rank's interactions: the draw must not depend on the sharding.
+        counts = np.sum(self.placement.gather_objects(counts), axis=0)
         self.item_log_count = torch.from_numpy(np.log1p(counts).astype(np.float32))
+        self.negative_probabilities, negative_log_ratio = negative_draw(
+            counts, config.negative_popularity
+        )
+        self.negative_log_ratio = torch.from_numpy(negative_log_ratio)
         self.teacher_config = NetworkConfig.from_space(space, use_user_id=True, **dims)
         self.student_config = NetworkConfig.from_space(space, use_user_id=False, **dims)
         self.teacher = self._network(self.teacher_config)
@@ -234,6 +241,8 @@ class Trainer:
         network = RecNetwork(config, self.prepared.space.item_tokens)
         if config.popularity_offset:
             network.item_log_count.copy_(self.item_log_count)
+        if config.negative_popularity:
+            network.negative_log_ratio.copy_(self.negative_log_ratio)
         return self.placement.wrap(network, trainable)
 
     def _student(self, variant: StudentVariant) -> Student:
@@ -283,6 +292,7 @@ class Trainer:
                 self.seen,
                 self.config.negatives,
                 rng,
+                self.negative_probabilities,
             )
             rows = Examples.concat([part, negatives])
             order = np.resize(rng.permutation(len(rows)), steps * size)
@@ -773,6 +783,23 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not Path(folder).is_dir():
         return []
     return sorted(p.parent for p in Path(folder).glob("step-*/meta.json"))
+
+
+def negative_draw(counts: np.ndarray, power: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """How negatives are drawn: each item index's probability, in proportion
+    to ``(interactions + 1) ** power`` (None for uniform, at power 0), and
+    the log of that probability over a uniform draw's, ``float32``, which
+    ranking adds to the interaction logit learned against the draw. Index 0,
+    the padding item, is never drawn."""
+    uniform = 1.0 / (len(counts) - 1)
+    if not power:
+        return None, np.zeros(len(counts), np.float32)
+    weights = (counts.astype(np.float64) + 1.0) ** power
+    weights[0] = 0.0
+    probabilities = weights / weights.sum()
+    ratio = np.log(np.maximum(probabilities, 1e-30) / uniform)
+    ratio[0] = 0.0
+    return probabilities, ratio.astype(np.float32)
 
 
 def distill_weights(config: TrainConfig) -> DistillWeights:
