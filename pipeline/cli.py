@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.config import PipelineConfig
+from data.structured import read_structured
+from pipeline.config import ConfigError, PipelineConfig
 
 logger = logging.getLogger("emarec")
 
@@ -86,12 +88,16 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
     if saved is not None and saved.is_file() and (later_step or not args.config):
         base = str(saved)
         raw = PipelineConfig.load(saved).model_dump()
-    if args.config:
-        given = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
-        if raw:
-            _overlay(raw, given)
-        else:
-            raw, base = given, str(args.config)
+    if args.config and raw:
+        # Checked with the run's settings, not alone: an interval or a shard
+        # count the file names may only fit the run's.
+        given = read_structured(args.config, "--config") or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"--config {args.config} must hold a mapping of settings")
+        _overlay(raw, copy.deepcopy(given))
+    elif args.config:
+        raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
+        given, base = raw, str(args.config)
     flags = _flag_values(args)
     raw.setdefault("train", {})
     for name, value in flags.items():
@@ -102,8 +108,9 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         if name in flags:
             return FLAGS[name]
         *parents, key = name.split(".")
-        section = given.get(parents[0], {}) if parents else given
-        return str(args.config) if key in section else base
+        section = given.get(parents[0]) if parents else given
+        named = isinstance(section, dict) and key in section
+        return str(args.config) if named else base
 
     return PipelineConfig.validated(raw, origin)
 

@@ -35,6 +35,7 @@ from data.examples import (  # noqa: E402
 )
 from models.network import Batch  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.lineage import read_lineage, write_lineage  # noqa: E402
 from pipeline.prepare import Prepared, prepare  # noqa: E402
 from pipeline.tracking import tracked_run  # noqa: E402
 
@@ -312,6 +313,14 @@ def run_evaluate(config: PipelineConfig) -> dict:
     finite = {k: v if np.isfinite(v) else None for k, v in metrics.items()}
     (out / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     recalls.to_csv(out / USER_RECALL, index=False)
+    quantized = folder / "quantize.json"
+    quantized = json.loads(quantized.read_text()) if quantized.is_file() else {}
+    write_lineage(
+        out,
+        trained=read_lineage(folder).get("trained"),
+        quantized=quantized.get("quantized"),
+        eval_k=config.eval_k,
+    )
     table = quality_table(metrics, config.eval_k)
     (out / "quality.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
     plot_quality(table, config.eval_k, out / "quality.png")

@@ -14,6 +14,7 @@ from models.network import Batch
 from models.quantize import embedding_bytes, quantize_student
 from models.store import load_network, save_network
 from pipeline.config import PipelineConfig
+from pipeline.lineage import read_lineage, stamp
 from pipeline.prepare import prepare
 from pipeline.tracking import tracked_run
 from pipeline.train import model_dir
@@ -56,6 +57,8 @@ def run_quantize(config: PipelineConfig) -> dict:
     save_network(quantized, student.config, folder, "student_int8", quantized=info)
     info["float_embedding_bytes"] = embedding_bytes(student)
     info["int8_embedding_bytes"] = embedding_bytes(quantized)
+    info["trained"] = read_lineage(folder).get("trained")
+    info["quantized"] = stamp()
     (folder / "quantize.json").write_text(json.dumps(info, indent=2))
     logger.info(
         "INT8 student: tables %s, dense %s, embedding bytes %d -> %d",

@@ -28,10 +28,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from models.bundle import BUNDLE_FORMAT
+from models.bundle import BUNDLE_FORMAT, ModelBundle
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import eval_dir
 from pipeline.ingest import read_ingested
+from pipeline.lineage import check_lineage, read_lineage
 from pipeline.tracking import run_id, tracked_run
 from pipeline.train import model_dir
 
@@ -98,7 +99,31 @@ def gate_refusals(
     return refusals
 
 
-def export_bundle(config: PipelineConfig) -> Path:
+def evaluated_k(config: PipelineConfig) -> int:
+    """The K the run's metrics were measured at, once the networks, their
+    INT8 student and the metrics are checked to come from one training.
+
+    Raises:
+        ValueError: a step's output is stale (see
+            :func:`pipeline.lineage.check_lineage`).
+    """
+    folder = model_dir(config.work_dir)
+    quantized = json.loads((folder / "quantize.json").read_text())
+    evaluated = read_lineage(eval_dir(config.work_dir))
+    check_lineage(read_lineage(folder), quantized, evaluated, config.work_dir)
+    k = evaluated.get("eval_k", config.eval_k)
+    if k != config.eval_k:
+        logger.warning(
+            "eval/metrics.json was measured at K=%d: the gate compares "
+            "Recall@%d, not the eval_k %d of these settings",
+            k,
+            k,
+            config.eval_k,
+        )
+    return k
+
+
+def export_bundle(config: PipelineConfig, k: int | None = None) -> Path:
     """Writes ``work_dir/bundle``: networks, vocabularies, known users, catalogue.
 
     Known users are the warm users, with the history (items, whether each
@@ -106,6 +131,12 @@ def export_bundle(config: PipelineConfig) -> Path:
     of their train and valid events: what the
     model knew when it was trained. Their test events stay unseen, so that
     replaying the test period measures real CTR.
+
+    Args:
+        k: the K of the gate's Recall@K (the config's eval_k by default).
+
+    Raises:
+        ValueError: the bundle does not load as serving would load it.
     """
     from data.split import split_interactions
 
@@ -140,9 +171,18 @@ def export_bundle(config: PipelineConfig) -> Path:
         "user_features": meta["user_features"],
         "created": datetime.now(timezone.utc).isoformat(),
         "training_run_id": run_id(config.work_dir),
-        "gate": gate_metrics(metrics, config.eval_k),
+        "gate": gate_metrics(metrics, config.eval_k if k is None else k),
     }
     (bundle / "bundle.json").write_text(json.dumps(info, indent=2))
+    try:
+        ModelBundle(bundle)
+    except Exception as error:  # whatever torch or pandas raise on a bad file
+        raise ValueError(
+            f"the bundle exported from {config.work_dir} does not load as the "
+            f"server would load it ({type(error).__name__}: {error}); re-run "
+            "the step that wrote the broken file (train, or quantize for "
+            "student_int8) before register"
+        ) from None
     return bundle
 
 
@@ -184,7 +224,8 @@ def run_register(config: PipelineConfig) -> dict:
     Returns:
         ``version``, ``promoted`` and the gate figures compared.
     """
-    bundle = export_bundle(config)
+    k = evaluated_k(config)
+    bundle = export_bundle(config, k)
     gate = json.loads((bundle / "bundle.json").read_text())["gate"]
     client = MlflowClient(config.tracking_uri)
     with tracked_run(config) as run:
@@ -200,7 +241,7 @@ def run_register(config: PipelineConfig) -> dict:
             "gate.warm_recall": gate["warm"],
             "gate.cold_recall_se": gate["cold_se"],
             "gate.warm_recall_se": gate["warm_se"],
-            "gate.k": config.eval_k,
+            "gate.k": k,
             "gate.tolerance_se": config.gate_tolerance_se,
             "training_run_id": run.info.run_id,
         }
@@ -209,7 +250,7 @@ def run_register(config: PipelineConfig) -> dict:
                 config.model_name, version.version, key, str(value)
             )
         current = champion_gate(client, config)
-        refused = gate_refusals(gate, current, config.gate_tolerance_se, config.eval_k)
+        refused = gate_refusals(gate, current, config.gate_tolerance_se, k)
         if not _student_trained(config):
             refused.append("the student took no distillation step")
         promoted = not refused

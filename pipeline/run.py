@@ -5,6 +5,7 @@ the Airflow DAG can run them as separate tasks."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import mlflow
 
@@ -27,9 +28,63 @@ STEPS = {
 }
 
 
+# What each step reads that an earlier step writes, under work_dir.
+NEEDS = {
+    "quantize": (("model/student.pt", "train"),),
+    "evaluate": (("model/space.json", "train"),),
+    "register": (
+        ("model/student_int8.pt", "quantize"),
+        ("eval/metrics.json", "evaluate"),
+    ),
+}
+
+
+def check_ready(name: str, work_dir: Path) -> None:
+    """Refuses a step whose input an earlier step has not written yet.
+
+    Raises:
+        FileNotFoundError: naming the missing file and the step to run.
+    """
+    for needed, step in NEEDS.get(name, ()):
+        if not (Path(work_dir) / needed).is_file():
+            raise FileNotFoundError(
+                f"{Path(work_dir) / needed} is missing: run `emarec {step} "
+                f"--work-dir {work_dir}` before {name}"
+            )
+
+
+def check_fresh(config: PipelineConfig) -> None:
+    """Refuses to ingest into a work dir that holds a run of other settings:
+    its MLflow run keeps the first values, and its model would sit beside
+    other data. The same settings again (a retried task) are fine.
+
+    Raises:
+        ValueError: naming the settings that differ.
+    """
+    saved = Path(config.work_dir) / "config.json"
+    if not saved.is_file():
+        return
+    before = flatten("", PipelineConfig.load(saved).model_dump(mode="json"))
+    now = flatten("", config.model_dump(mode="json"))
+    keys = before.keys() | now.keys()
+    changed = sorted(k for k in keys if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(
+            f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]
+        )
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ValueError(
+            f"{config.work_dir} already holds a run with other settings ({shown}"
+            f"{more}): ingest into a new --work-dir, or run the later steps "
+            "on this one"
+        )
+
+
 def run_step(name: str, config: PipelineConfig) -> dict:
     """Runs one step; the first step also records the run's configuration."""
+    check_ready(name, config.work_dir)
     if name == "ingest":
+        check_fresh(config)
         config.work_dir.mkdir(parents=True, exist_ok=True)
         config.save(config.work_dir / "config.json")
     result = STEPS[name](config)

@@ -56,6 +56,7 @@ from models.sharding import LocalPlacement
 from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.lineage import stamp, write_lineage
 from pipeline.prepare import (
     Prepared,
     data_shard,
@@ -785,7 +786,9 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(p.parent for p in Path(folder).glob("step-*/meta.json"))
 
 
-def negative_draw(counts: np.ndarray, power: float) -> tuple[np.ndarray | None, np.ndarray]:
+def negative_draw(
+    counts: np.ndarray, power: float
+) -> tuple[np.ndarray | None, np.ndarray]:
     """How negatives are drawn: each item index's probability, in proportion
     to ``(interactions + 1) ** power`` (None for uniform, at power 0), and
     the log of that probability over a uniform draw's, ``float32``, which
@@ -898,6 +901,7 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
             mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
     if placement.is_writer:
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_lineage(folder, trained=stamp())
     return summary
 
 

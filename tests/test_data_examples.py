@@ -515,3 +515,23 @@ def test_missing_and_unreadable_values_are_counted_as_unknown() -> None:
     }
     assert found["user.age"] == ["x"]
     assert space.encode_users(users)[1] == [0, 0, 0], "each of them is token 0"
+
+
+def test_negatives_follow_the_given_probabilities(world) -> None:
+    events, space, tokens, _, _ = world
+    examples = build_examples(events, space, tokens, max_history=4)
+    probabilities = np.zeros(space.num_items)
+    probabilities[1], probabilities[2] = 0.9, 0.1
+    rng = np.random.default_rng(3)
+    # Item 1 is seen by the first user: redrawn once, so it stays with
+    # probability 0.9 for that user's negatives.
+    first = int(examples.user_id[0])
+    negatives = sample_negatives(
+        examples, space.num_items, {first: {1}}, 200, rng, probabilities
+    )
+    assert set(negatives.item_idx.tolist()) == {1, 2}
+    others = negatives.user_id != first
+    share = np.mean(negatives.item_idx[others] == 1)
+    assert 0.88 < share < 0.92, share
+    mine = np.mean(negatives.item_idx[~others] == 1)
+    assert 0.78 < mine < 0.84, f"{mine}: one redraw of 0.9 leaves 0.81"

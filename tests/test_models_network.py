@@ -746,3 +746,27 @@ def test_float_head_without_autograd_matches_the_concatenation(space, student) -
     with torch.enable_grad():
         concatenated = model.score_candidates(batch, candidates)
     torch.testing.assert_close(fast, concatenated.detach(), atol=1e-6, rtol=0)
+
+
+def test_negative_popularity_adds_the_draws_log_ratio_to_ranking_only(space) -> None:
+    torch.manual_seed(4)
+    config = NetworkConfig.from_space(
+        space, False, embedding_dim=D, hidden_dim=16, negative_popularity=1.0
+    )
+    model = RecNetwork(config, space.item_tokens).eval()
+    assert "negative_log_ratio" in model.state_dict(), "saved with the network"
+    batch = make_batch(space, seed=12)
+    candidates = torch.arange(1, space.num_items)
+    ratio = torch.randn(space.num_items)
+    with torch.no_grad():
+        before = model(batch)
+        items = model.item_vectors(candidates)[None].expand(B, -1, -1)
+        logits, _ = model._score(*model.encode_user(batch), items)
+        model.negative_log_ratio.copy_(ratio)
+        after = model(batch)
+        scores = model.score_candidates(batch, candidates)
+    # Training reads the logit learned against the draw, unchanged ...
+    assert torch.equal(after.interact_logit, before.interact_logit)
+    # ... ranking adds the item's log ratio to it.
+    logits[..., 1] += ratio[candidates]
+    torch.testing.assert_close(scores, F.logsigmoid(logits).sum(-1))

@@ -15,7 +15,7 @@ from data.examples import FEEDBACK_CLICK, FEEDBACK_UNKNOWN, clicks_only
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.ingest import run_ingest
 from pipeline.prepare import data_shard, prepare
-from pipeline.train import Trainer, complete_checkpoints
+from pipeline.train import Trainer, complete_checkpoints, negative_draw
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,26 @@ def test_cut_rows_can_learn_from_the_labels_alone(prepared):
         terms[cut_rows] = trainer.student_step(next(iter(trainer.epoch_batches(0))))
     assert terms[True]["distill/label"] == terms[False]["distill/label"]
     assert terms[True]["distill/interact"] != terms[False]["distill/interact"]
+
+
+def test_negatives_are_drawn_by_popularity_and_ranking_adds_it_back(prepared):
+    trainer = Trainer(prepared, TrainConfig(epochs=1, negative_popularity=1.0))
+    train = prepared.select("warm", "train")
+    counts = np.bincount(train.item_idx, minlength=prepared.space.num_items)
+    probabilities, ratio = negative_draw(counts, 1.0)
+    assert probabilities[0] == 0 and np.isclose(probabilities.sum(), 1)
+    weights = counts[1:] + 1
+    np.testing.assert_allclose(probabilities[1:], weights / weights.sum())
+    expected = torch.from_numpy(ratio)
+    for network in (trainer.teacher, *(s.network for s in trainer.students.values())):
+        assert torch.equal(network.negative_log_ratio, expected)
+    uniform = Trainer(prepared, TrainConfig(epochs=1, negative_popularity=0.0))
+    assert "negative_log_ratio" not in uniform.teacher.state_dict()
+    assert negative_draw(counts, 0.0)[0] is None
+    interactions = []
+    for run in (uniform, trainer):
+        batch = next(run.epoch_batches(0))
+        interactions.append(counts[batch.item_idx[batch.rated == 0]].mean())
+        run.buffer.close()
+    # Train interactions of the average negative: about 38 drawn uniformly.
+    assert interactions[1] > 2 * interactions[0], interactions

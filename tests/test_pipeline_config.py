@@ -279,3 +279,19 @@ def test_a_later_step_names_the_file_of_its_impossible_value(tmp_path: Path):
     with pytest.raises(ConfigError) as caught:
         build_config(parsed(argv))
     assert str(caught.value).startswith(f"{later}: field 'train.nproc'")
+
+
+def test_a_later_step_s_config_file_is_checked_with_the_run_s_settings(tmp_path):
+    from pipeline.cli import build_config
+
+    work = tmp_path / "w"
+    work.mkdir()
+    run = TrainConfig(distill_interval=5, sync_interval=5)
+    PipelineConfig(train=run).save(work / "config.json")
+    # Impossible alone (the default intervals are 10), fine with the run's 5.
+    later = write_config(tmp_path / "later.json", {"checkpoint_every": 15})
+    with pytest.raises(ConfigError):
+        PipelineConfig.from_file(later)
+    argv = ["train", "--work-dir", str(work), "--config", str(later)]
+    config = build_config(parsed(argv))
+    assert (config.train.checkpoint_every, config.train.distill_interval) == (15, 5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from pipeline.cli import main
@@ -291,3 +292,95 @@ def test_a_rank_whose_data_shards_hold_no_training_rows_says_so(tmp_path, capsys
     assert message.startswith("rank 5 of 8 reads data shards [5] (user_id % 8)")
     assert "Train with fewer processes (--nproc), or in one (--nproc 0)" in message
 
+
+
+@pytest.fixture
+def small_run(tmp_path) -> PipelineConfig:
+    """A small log trained, quantized and evaluated: ready to register."""
+    config = small_log_config(
+        tmp_path, range(1, 21), max_steps=3, student_epochs=1, distill_interval=1
+    )
+    for step in ("ingest", "train", "quantize", "evaluate"):
+        run_step(step, config)
+    return config
+
+
+def test_register_refuses_parts_of_two_trainings_until_the_steps_rerun(small_run):
+    config = small_run
+    run_step("train", config)  # a retrain, then register straight away
+    with pytest.raises(ValueError, match="student_int8.pt was quantized from"):
+        run_step("register", config)
+    run_step("quantize", config)
+    with pytest.raises(ValueError, match="eval/metrics.json measured other networks"):
+        run_step("register", config)
+    assert not (config.work_dir / "register.json").exists()
+    run_step("evaluate", config)
+    assert run_step("register", config)["promoted"]
+
+
+def test_register_refuses_a_bundle_that_does_not_load(small_run):
+    config = small_run
+    (config.work_dir / "model" / "student_int8.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="does not load as the server would"):
+        run_step("register", config)
+    versions = MlflowClient(config.tracking_uri).search_model_versions()
+    assert not versions, "nothing is registered"
+
+
+def test_register_gates_at_the_k_the_metrics_were_measured_at(small_run):
+    config = small_run
+    run_step("evaluate", config.model_copy(update={"eval_k": 5}))
+    result = run_step("register", config)  # eval_k 10 in these settings
+    version = MlflowClient(config.tracking_uri).get_model_version(
+        config.model_name, result["version"]
+    )
+    assert version.tags["gate.k"] == "5"
+    metrics = json.loads((config.work_dir / "eval" / "metrics.json").read_text())
+    assert result["candidate"]["cold"] == metrics["student_int8/cold/recall_at_5"]
+
+
+@pytest.mark.parametrize(
+    ("step", "missing", "before"),
+    [
+        ("quantize", "model/student.pt", "train"),
+        ("evaluate", "model/space.json", "train"),
+        ("register", "model/student_int8.pt", "quantize"),
+    ],
+)
+def test_a_step_before_the_one_it_reads_says_which_to_run(
+    tmp_path, step, missing, before
+):
+    config = small_log_config(tmp_path, range(1, 21))
+    run_step("ingest", config)
+    with pytest.raises(FileNotFoundError) as caught:
+        run_step(step, config)
+    expected = f"{config.work_dir / missing} is missing: run `emarec {before}"
+    assert str(caught.value).startswith(expected)
+
+
+def test_ingest_into_a_run_of_other_settings_is_refused_before_writing(tmp_path):
+    config = small_log_config(tmp_path, range(1, 21))
+    run_step("ingest", config)
+    run_step("ingest", config)  # the same settings again: a retried task
+    saved = (config.work_dir / "config.json").read_text()
+    other = config.model_copy(update={"train": TrainConfig(seed=1)})
+    with pytest.raises(ValueError) as caught:
+        run_step("ingest", other)
+    message = str(caught.value)
+    refused = f"{config.work_dir} already holds a run with other settings"
+    assert message.startswith(refused)
+    assert "train.seed: 0 -> 1" in message
+    assert (config.work_dir / "config.json").read_text() == saved
+
+
+def test_the_int8_student_ranks_with_the_negative_draw_s_correction(small_run):
+    from data.features import FeatureSpace
+    from models.store import load_network
+
+    folder = small_run.work_dir / "model"
+    space = FeatureSpace.load(folder / "space.json")
+    student = load_network(folder, "student", space)
+    int8 = load_network(folder, "student_int8", space)
+    assert student.config.negative_popularity == 1.0  # the default
+    assert student.negative_log_ratio.abs().sum() > 0
+    assert torch.equal(int8.negative_log_ratio, student.negative_log_ratio)
