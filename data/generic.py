@@ -3,8 +3,8 @@
 A small mapping names the columns. Ids must be integers; timestamps are integer
 epoch seconds or ISO-8601 datetimes; the label is a rating (click when it is at
 least 4) or a 0/1 click. Side-feature columns are taken as categorical strings,
-each user's and item's latest value winning; an empty cell is a missing value
-(read as "unknown"), not a category.
+each user's and item's latest known value winning; an empty cell is a missing
+value (read as "unknown"), not a category, and does not erase an earlier value.
 """
 
 from __future__ import annotations
@@ -330,13 +330,20 @@ def _as_timestamp(value) -> int | None:
         return None
 
 
+def _latest_known(table: pd.DataFrame, name: str, features: list[str]) -> pd.DataFrame:
+    """Each ``name``'s latest value of each feature that is not missing: a
+    later empty cell does not erase a value the log gave earlier. Rows are in
+    time order; a feature never given stays missing."""
+    known = table[features].map(lambda v: None if is_missing(v) else v)
+    latest = table[[name]].join(known).groupby(name, sort=False)[features].last()
+    return latest.reset_index()[[name, *features]]
+
+
 def _side_table(kept: pd.DataFrame, key: str, name: str, features: list[str]):
     table = kept[[key, *features]].astype({f: str for f in features})
     table = table.assign(**{name: kept[key].map(_as_int)})
     table = table.drop(columns=[key]) if key != name else table
-    return table.drop_duplicates(name, keep="last").reset_index(drop=True)[
-        [name, *features]
-    ]
+    return _latest_known(table, name, features)
 
 
 def _items(kept: pd.DataFrame, mapping: ColumnMapping) -> pd.DataFrame:
@@ -346,7 +353,7 @@ def _items(kept: pd.DataFrame, mapping: ColumnMapping) -> pd.DataFrame:
         table[feature] = table[feature].map(lambda v: [] if is_missing(v) else [v])
     if mapping.title:
         titles = kept.assign(item_id=kept[mapping.item].map(_as_int))
-        titles = titles.drop_duplicates("item_id", keep="last")
+        titles = _latest_known(titles, "item_id", [mapping.title])
         table = table.merge(
             titles[["item_id", mapping.title]].rename(columns={mapping.title: "title"}),
             on="item_id",

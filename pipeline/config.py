@@ -74,7 +74,12 @@ class TrainConfig(_Settings):
     is refused by :meth:`PipelineConfig.validated` with both in the message.
     """
 
-    seed: int = Field(0, description="seed of the initial weights and the sampling")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="seed of the initial weights and the sampling",
+    )
     embedding_dim: int = Field(
         32, ge=4, le=1024, description="width of every embedding"
     )

@@ -58,6 +58,10 @@ def _ratings(ratings: pd.Series) -> list[int]:
 def replay_test_period(
     url: str, data: Path | None, mapping: Path | None = None, limit: int | None = None, k: int = 10
 ) -> dict:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: replay at least 1 user, or leave it out for all")
+    if k < 1:
+        raise ValueError(f"--k {k}: ask for at least 1 recommendation per user")
     users = replay_users(data, mapping)
     if limit is not None:
         users = users[:limit]
@@ -65,6 +69,8 @@ def replay_test_period(
     return {
         "users": len(users),
         "errors": summary.errors,
+        # The most frequent reasons, with how many requests each failed.
+        "error_reasons": dict(summary.failures.most_common(5)),
         "impressions": summary.impressions,
         "clicks": summary.clicks,
         "ctr": summary.ctr,

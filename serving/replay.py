@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,12 +68,19 @@ class ReplaySummary:
     Attributes:
         cohorts: totals by cohort, both cohorts always present.
         errors: requests that failed (non-2xx or no response).
+        failures: how many failed for each reason (the path and the status
+            with the server's answer, or the connection error).
     """
 
     cohorts: dict[str, CohortReplay] = field(
         default_factory=lambda: {"warm": CohortReplay(), "cold": CohortReplay()}
     )
     errors: int = 0
+    failures: Counter = field(default_factory=Counter)
+
+    def fail(self, reason: str) -> None:
+        self.errors += 1
+        self.failures[reason[:300]] += 1
 
     @property
     def impressions(self) -> int:
@@ -119,6 +127,8 @@ def replay(
         summary.cohorts["cold"].ctr,
         summary.errors,
     )
+    for reason, count in summary.failures.most_common(3):
+        logger.warning("%d failed requests: %s", count, reason)
     return summary
 
 
@@ -161,11 +171,9 @@ def _post(
     try:
         response = client.post(path, json=body)
     except httpx.HTTPError as exc:
-        summary.errors += 1
-        logger.debug("%s failed: %s", path, exc)
+        summary.fail(f"POST {path}: {type(exc).__name__}: {exc}")
         return None
     if not response.is_success:
-        summary.errors += 1
-        logger.debug("%s answered %d: %s", path, response.status_code, response.text)
+        summary.fail(f"POST {path}: {response.status_code} {response.text}")
         return None
     return response.json()

@@ -12,6 +12,7 @@ import pandas as pd
 import pydantic
 import pytest
 
+from data.features import is_missing
 from data.generic import ColumnMapping, MappingError, load_generic
 from data.load import load_data
 from data.schema import DataLayoutError
@@ -140,6 +141,28 @@ def test_latest_side_feature_value_wins_by_timestamp(tmp_path: Path) -> None:
         5: ["new"],
         6: ["old"],
     }
+
+
+def test_a_later_empty_cell_does_not_erase_a_known_value(tmp_path: Path) -> None:
+    columns = {
+        "user_id": ["1", "1", "2", "2"],
+        "item_id": ["5", "6", "5", "6"],
+        "clicked": ["1", "0", "1", "0"],
+        "timestamp": ["100", "200", "300", "400"],
+        "plan": ["premium", "", "", ""],
+        "shelf": ["new", "old", "", ""],
+        "name": ["Five", "Six", "", "Six again"],
+    }
+    mapping = ColumnMapping(
+        click="clicked", user_features=["plan"], item_features=["shelf"], title="name"
+    )
+    loaded = load_generic(write_csv(tmp_path / "log.csv", columns), mapping)
+    users = loaded.users.set_index("user_id").plan
+    assert users[1] == "premium", "its t=200 row left the plan empty"
+    assert is_missing(users[2]), "never given: unknown"
+    items = loaded.items.set_index("item_id")
+    assert items.shelf.to_dict() == {5: ["new"], 6: ["old"]}
+    assert items.title.to_dict() == {5: "Five", 6: "Six again"}
 
 
 def test_items_without_a_title_column_get_a_name(tmp_path: Path) -> None:

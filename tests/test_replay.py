@@ -143,6 +143,11 @@ def test_failed_requests_are_counted_not_raised(live_server):
     ]
     summary = replay(live_server.url, users, k=4)
     assert summary.errors == 2
+    reasons = list(summary.failures)
+    assert len(reasons) == 2 and sum(summary.failures.values()) == 2
+    assert reasons[0].startswith("POST /v1/recommendations: 404")
+    assert reasons[1].startswith("POST /v1/recommendations: 422")
+    assert "shoe_size" in reasons[1]
     assert summary.cohorts["warm"].users == 1
     assert summary.cohorts["warm"].clicks == 1
     assert summary.cohorts["cold"].impressions == 0
@@ -154,7 +159,18 @@ def test_unreachable_server_counts_every_user_as_error():
     users = [ReplayUser(1, "warm"), ReplayUser(2, "warm")]
     summary = replay(f"http://127.0.0.1:{port}", users, timeout_s=2)
     assert summary.errors == 2
+    [(reason, count)] = summary.failures.items()
+    assert count == 2 and reason.startswith("POST /v1/recommendations: ConnectError")
     assert summary.impressions == 0 and summary.ctr == 0
+
+
+def test_replay_of_the_test_period_refuses_impossible_limits():
+    from pipeline.replay import replay_test_period
+
+    with pytest.raises(ValueError, match="--limit -1: replay at least 1 user"):
+        replay_test_period("http://127.0.0.1:9", None, limit=-1)
+    with pytest.raises(ValueError, match="--k 0: ask for at least 1"):
+        replay_test_period("http://127.0.0.1:9", None, k=0)
 
 
 def test_cli_replay_samples_limit_users_with_seed(live_server, tmp_path):
