@@ -71,6 +71,32 @@ class ColumnMapping(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_role_per_column(self) -> "ColumnMapping":
+        """A column is an id, the time, the label or one feature, not two of
+        them (the title may also be an item feature)."""
+        for name in ("user_features", "item_features"):
+            listed = getattr(self, name)
+            twice = sorted({c for c in listed if listed.count(c) > 1})
+            if twice:
+                raise ValueError(
+                    f"{name} lists {', '.join(map(repr, twice))} more than once: "
+                    "list each column once"
+                )
+        roles: dict[str, str] = {}
+        for field, columns in self.columns().items():
+            if field == "title":
+                continue
+            for column in columns:
+                if column in roles:
+                    raise ValueError(
+                        f"column {column!r} is named by both {roles[column]!r} and "
+                        f"{field!r}: each column has one role; name another column "
+                        f"for one of them"
+                    )
+                roles[column] = field
+        return self
+
     @classmethod
     def from_file(cls, path: Path) -> "ColumnMapping":
         """Reads a mapping from a JSON or YAML file.

@@ -507,3 +507,39 @@ def test_csv_without_a_usable_header_is_a_layout_error(
     path.write_text(content)
     with pytest.raises(DataLayoutError, match=re.escape(problem)):
         load_generic(path, RATED_MAPPING)
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        (
+            {"user": "uid", "user_features": ["uid", "country"]},
+            "column 'uid' is named by both 'user' and 'user_features'",
+        ),
+        (
+            {"user": "uid", "item": "uid"},
+            "column 'uid' is named by both 'user' and 'item'",
+        ),
+        (
+            {"user_features": ["country", "country"]},
+            "user_features lists 'country' more",
+        ),
+        (
+            {"user_features": ["shelf"], "item_features": ["shelf"]},
+            "column 'shelf' is named by both 'user_features' and 'item_features'",
+        ),
+    ],
+)
+def test_a_column_with_two_roles_in_the_mapping_is_refused(
+    tmp_path: Path, fields: dict, says: str
+) -> None:
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps({"click": "clicked", **fields}))
+    with pytest.raises(MappingError) as caught:
+        ColumnMapping.from_file(path)
+    assert str(caught.value).startswith(f"{path}: {says}")
+
+
+def test_the_title_may_also_be_an_item_feature() -> None:
+    mapping = ColumnMapping(click="clicked", item_features=["name"], title="name")
+    assert mapping.title == "name"
