@@ -112,7 +112,7 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         named = isinstance(section, dict) and key in section
         return str(args.config) if named else base
 
-    return PipelineConfig.validated(raw, origin)
+    return PipelineConfig.validated(raw, origin).anchored()
 
 
 def _overlay(raw: dict, given: dict) -> None:

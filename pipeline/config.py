@@ -27,6 +27,20 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """A tracking URI whose local store (``sqlite:///relative.db`` or a
+    plain folder) is made absolute; a server's URI (or ``databricks``) is
+    left as it is."""
+    sqlite = "sqlite:///"
+    if uri.startswith(sqlite) and not uri.startswith(sqlite + "/"):
+        path = uri[len(sqlite) :]
+        return uri if path in ("", ":memory:") else sqlite + str(Path(path).absolute())
+    plain = "://" not in uri and ":" not in uri.split("/")[0]
+    if plain and not uri.startswith("databricks"):
+        return str(Path(uri).absolute())
+    return uri
+
+
 def default_work_dir() -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / stamp
@@ -376,6 +390,19 @@ class PipelineConfig(_Settings):
         return cls.validated(
             raw, lambda name: "overrides" if name.split(".")[0] in given else str(path)
         )
+
+    def anchored(self) -> "PipelineConfig":
+        """The same settings with the data, the mapping, the work dir and a
+        local tracking store as absolute paths: a step run later from another
+        directory, which reads them from the saved ``config.json``, finds the
+        same files."""
+        update = {
+            name: getattr(self, name).absolute()
+            for name in ("data", "mapping", "work_dir")
+            if getattr(self, name) is not None
+        }
+        update["tracking_uri"] = absolute_uri(self.tracking_uri)
+        return self.model_copy(update=update)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))

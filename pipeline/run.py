@@ -64,8 +64,10 @@ def check_fresh(config: PipelineConfig) -> None:
     saved = Path(config.work_dir) / "config.json"
     if not saved.is_file():
         return
-    before = flatten("", PipelineConfig.load(saved).model_dump(mode="json"))
-    now = flatten("", config.model_dump(mode="json"))
+    before, now = (
+        flatten("", c.anchored().model_dump(mode="json"))
+        for c in (PipelineConfig.load(saved), config)
+    )
     keys = before.keys() | now.keys()
     changed = sorted(k for k in keys if before.get(k) != now.get(k))
     if changed:

@@ -30,7 +30,7 @@ def config_for_run(params: dict, run_id: str) -> PipelineConfig:
         "train": {k: params[k] for k in TRAIN_PARAMS if params.get(k) is not None},
     }
     given = {k: v for k, v in raw.items() if v is not None}
-    return PipelineConfig.validated(given, "the DAG run's params")
+    return PipelineConfig.validated(given, "the DAG run's params").anchored()
 
 
 def config_of(work_dir: str | Path) -> PipelineConfig:

@@ -295,3 +295,20 @@ def test_a_later_step_s_config_file_is_checked_with_the_run_s_settings(tmp_path)
     argv = ["train", "--work-dir", str(work), "--config", str(later)]
     config = build_config(parsed(argv))
     assert (config.train.checkpoint_every, config.train.distill_interval) == (15, 5)
+
+
+def test_the_cli_saves_paths_a_step_run_elsewhere_still_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.cli import build_config
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["ingest", "--data", "logs/a.csv", "--work-dir", "runs/a"]
+    config = build_config(parsed([*argv, "--tracking-uri", "sqlite:///m.db"]))
+    assert config.data == tmp_path / "logs" / "a.csv"
+    assert config.work_dir == tmp_path / "runs" / "a"
+    assert config.tracking_uri == f"sqlite:///{tmp_path / 'm.db'}"
+    folder = build_config(parsed([*argv, "--tracking-uri", "mlruns"]))
+    assert folder.tracking_uri == str(tmp_path / "mlruns")
+    for server in ("http://127.0.0.1:5000", "databricks", f"sqlite:///{tmp_path}/x.db"):
+        assert build_config(parsed([*argv, "--tracking-uri", server])).tracking_uri == server
