@@ -311,4 +311,5 @@ def test_the_cli_saves_paths_a_step_run_elsewhere_still_finds(
     folder = build_config(parsed([*argv, "--tracking-uri", "mlruns"]))
     assert folder.tracking_uri == str(tmp_path / "mlruns")
     for server in ("http://127.0.0.1:5000", "databricks", f"sqlite:///{tmp_path}/x.db"):
-        assert build_config(parsed([*argv, "--tracking-uri", server])).tracking_uri == server
+        kept = build_config(parsed([*argv, "--tracking-uri", server]))
+        assert kept.tracking_uri == server
