@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -979,8 +981,29 @@ def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
     return json.loads((folder / "train_summary.json").read_text())
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def end_with_the_launcher() -> None:
+    """Has this process sent SIGTERM when its parent, the torchrun agent,
+    dies. torchrun starts each rank in a session of its own: an agent killed
+    outright (SIGKILL, the out-of-memory killer) would otherwise leave its
+    ranks training on as orphans, writing checkpoints a resumed run races.
+    Linux only (``prctl``); elsewhere orphans must be stopped by hand."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the agent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+
 def main(argv: list[str] | None = None) -> int:
     """One rank of a sharded train step: ``torchrun ... -m pipeline.train``."""
+    if "LOCAL_RANK" in os.environ:
+        end_with_the_launcher()
     parser = argparse.ArgumentParser(prog="python -m pipeline.train")
     parser.add_argument(
         "--config", type=Path, required=True, help="a PipelineConfig file"

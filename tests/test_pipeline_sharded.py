@@ -133,13 +133,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(ingested, runs):
         assert child.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "no checkpoint to kill after"
         time.sleep(0.1)
-    # The whole tree: emarec, torchrun and both ranks (torchrun starts its
-    # ranks in sessions of their own).
+    # emarec and torchrun killed outright: the ranks (in sessions of their
+    # own) end with them rather than train on as orphans.
     tree = psutil.Process(child.pid).children(recursive=True)
-    for process in [*tree, psutil.Process(child.pid)]:
+    ranks = [
+        p
+        for p in tree
+        if "pipeline.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()
+    ]
+    assert len(ranks) == 2, [p.cmdline() for p in tree]
+    for process in [psutil.Process(child.pid), *(p for p in tree if p not in ranks)]:
         process.send_signal(signal.SIGKILL)
     child.wait(60)
-    psutil.wait_procs(tree, timeout=60)
+    _, orphans = psutil.wait_procs(ranks, timeout=60)
+    for orphan in orphans:
+        orphan.kill()
+    assert not orphans, "ranks outlived their torchrun agent"
     assert not (work / "model" / "train_summary.json").exists()
 
     log = work / "resume.log"
