@@ -139,7 +139,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(ingested, runs):
     ranks = [
         p
         for p in tree
-        if "pipeline.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()
+        if "pipeline.train" in p.cmdline()
+        and "torch.distributed.run" not in p.cmdline()
     ]
     assert len(ranks) == 2, [p.cmdline() for p in tree]
     for process in [psutil.Process(child.pid), *(p for p in tree if p not in ranks)]:
