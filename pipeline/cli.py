@@ -83,7 +83,15 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
             file it came from.
     """
     raw, base, given = {}, "the defaults", {}
-    saved = args.work_dir / "config.json" if args.work_dir else None
+    if args.config:
+        given = read_structured(args.config, "--config") or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"--config {args.config} must hold a mapping of settings")
+    # The run's folder: the flag's, else the one the file names.
+    work_dir = args.work_dir
+    if work_dir is None and isinstance(given.get("work_dir"), str):
+        work_dir = Path(given["work_dir"])
+    saved = work_dir / "config.json" if work_dir else None
     later_step = args.command in STEP_NAMES and args.command != "ingest"
     if saved is not None and saved.is_file() and (later_step or not args.config):
         base = str(saved)
@@ -91,13 +99,10 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
     if args.config and raw:
         # Checked with the run's settings, not alone: an interval or a shard
         # count the file names may only fit the run's.
-        given = read_structured(args.config, "--config") or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"--config {args.config} must hold a mapping of settings")
         _overlay(raw, copy.deepcopy(given))
     elif args.config:
         raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
-        given, base = raw, str(args.config)
+        base = str(args.config)
     flags = _flag_values(args)
     raw.setdefault("train", {})
     for name, value in flags.items():

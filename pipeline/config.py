@@ -29,15 +29,17 @@ def default_tracking_uri() -> str:
 
 def absolute_uri(uri: str) -> str:
     """A tracking URI whose local store (``sqlite:///relative.db`` or a
-    plain folder) is made absolute; a server's URI (or ``databricks``) is
+    plain folder) is made absolute (resolved: no ``..``, no links); a server's URI (or ``databricks``) is
     left as it is."""
     sqlite = "sqlite:///"
     if uri.startswith(sqlite) and not uri.startswith(sqlite + "/"):
         path = uri[len(sqlite) :]
-        return uri if path in ("", ":memory:") else sqlite + str(Path(path).absolute())
+        if path in ("", ":memory:"):
+            return uri
+        return sqlite + str(Path(path).resolve())
     plain = "://" not in uri and ":" not in uri.split("/")[0]
     if plain and not uri.startswith("databricks"):
-        return str(Path(uri).absolute())
+        return str(Path(uri).resolve())
     return uri
 
 
@@ -393,11 +395,12 @@ class PipelineConfig(_Settings):
 
     def anchored(self) -> "PipelineConfig":
         """The same settings with the data, the mapping, the work dir and a
-        local tracking store as absolute paths: a step run later from another
-        directory, which reads them from the saved ``config.json``, finds the
-        same files."""
+        local tracking store as resolved absolute paths: a step run later from
+        another directory, which reads them from the saved ``config.json``,
+        finds the same files, and the same files compare equal however they
+        were spelled."""
         update = {
-            name: getattr(self, name).absolute()
+            name: getattr(self, name).resolve()
             for name in ("data", "mapping", "work_dir")
             if getattr(self, name) is not None
         }

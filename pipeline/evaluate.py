@@ -124,6 +124,8 @@ def network_pointwise(model, examples: Examples) -> tuple[np.ndarray, np.ndarray
 def network_rank_scores(model, users: list[RankingUser], num_items: int, max_history: int):
     """``[U, num_items]`` ranking scores; column 0 (padding) is never ranked."""
     candidates = torch.arange(num_items)
+    if not users:  # a cohort without a test click to rank
+        return np.zeros((0, num_items), np.float32)
     parts = []
     for start in range(0, len(users), USERS_PER_CHUNK):
         chunk = users[start : start + USERS_PER_CHUNK]
@@ -177,7 +179,11 @@ def standard_error(values: np.ndarray) -> float:
 
 def ranking_metrics(recalls: np.ndarray, ndcgs: np.ndarray, k: int) -> dict:
     """Mean Recall@K and NDCG@K from :func:`user_ranking`, and the standard
-    error of the mean Recall@K over those users (``recall_at_K_se``)."""
+    error of the mean Recall@K over those users (``recall_at_K_se``); NaN
+    for a cohort without a ranked user."""
+    if len(recalls) == 0:
+        names = (f"recall_at_{k}", f"ndcg_at_{k}", f"recall_at_{k}_se")
+        return dict.fromkeys(names, np.nan)
     return {
         f"recall_at_{k}": float(np.mean(recalls)),
         f"ndcg_at_{k}": float(np.mean(ndcgs)),

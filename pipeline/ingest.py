@@ -16,6 +16,7 @@ from data.locate import resolve_data
 from data.schema import INTERACTIONS_SCHEMA, QUARANTINE_SCHEMA, LoadedData
 from data.split import split_counts, split_interactions
 from pipeline.config import PipelineConfig
+from pipeline.lineage import stamp, write_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def run_ingest(config: PipelineConfig) -> dict:
         **split_counts(events),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_lineage(out, ingested=stamp())
     logger.info(
         "ingested %s: rows_in=%d = rows_kept=%d + rows_quarantined=%d (quarantine: %s)",
         source,

@@ -1,10 +1,12 @@
-"""Which training each step's output came from.
+"""Which data and training each step's output came from.
 
-Train stamps its networks, quantize records the stamp it quantized and one of
-its own, evaluate both stamps and its K. Register then refuses a bundle whose
-parts come from different trainings (a retrain after quantize, say), which
-would otherwise be registered with the gate figures of another model. Runs
-made before the stamps existed carry none and are not checked.
+Ingest stamps its data; train stamps its networks and records the data's
+stamp; quantize records the training's stamp and one of its own; evaluate
+both stamps and its K. Register then refuses a bundle whose parts come from
+different trainings (a retrain after quantize, say) or a training of data
+ingested since, which would otherwise be registered with the gate figures of
+another model. Runs made before the stamps existed carry none and are not
+checked.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ def write_lineage(folder: Path, **stamps) -> None:
 
 
 def check_lineage(
-    trained: dict, quantized: dict, evaluated: dict, work_dir: Path
+    ingested: dict, trained: dict, quantized: dict, evaluated: dict, work_dir: Path
 ) -> None:
-    """Refuses parts of a run made from different trainings.
+    """Refuses parts of a run made from different trainings, or a training
+    made from other data than ingest now holds.
 
     Args:
+        ingested: ``ingest/lineage.json``.
         trained: ``model/lineage.json``.
         quantized: ``model/quantize.json``.
         evaluated: ``eval/lineage.json``.
@@ -48,6 +52,12 @@ def check_lineage(
     if not trained:
         return
     again = f"--work-dir {work_dir}"
+    if "ingested" in trained and trained["ingested"] != ingested.get("ingested"):
+        raise ValueError(
+            f"{work_dir}/model/ was trained on other data than {work_dir}/ingest/ "
+            f"now holds (ingest ran after train): run `emarec train {again}`, "
+            "then quantize and evaluate, before register"
+        )
     if quantized.get("trained") != trained["trained"]:
         raise ValueError(
             f"{work_dir}/model/student_int8.pt was quantized from another "

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from models.bundle import BUNDLE_FORMAT, ModelBundle
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import eval_dir
-from pipeline.ingest import read_ingested
+from pipeline.ingest import ingest_dir, read_ingested
 from pipeline.lineage import check_lineage, read_lineage
 from pipeline.tracking import run_id, tracked_run
 from pipeline.train import model_dir
@@ -68,8 +68,17 @@ def gate_refusals(
 ) -> list[str]:
     """Why ``candidate`` (from :func:`gate_metrics`) may not replace the
     ``champion``: one line per figure more than ``tolerance_se`` of its
-    standard errors below the champion's; empty when it passes, as the
-    first version always does."""
+    standard errors below the champion's, or one per figure that could not
+    be measured; empty when it passes, as the first version with both
+    figures always does."""
+    unmeasured = [
+        f"{metric.format(k=k)} could not be measured (no test user of that "
+        "cohort has a click to rank): a version without it is never champion"
+        for cohort, metric in GATE_METRICS.items()
+        if candidate[cohort] is None or not math.isfinite(candidate[cohort])
+    ]
+    if unmeasured:
+        return unmeasured
     if champion is None:
         return []
     if champion.get("k", k) != k:
@@ -110,7 +119,8 @@ def evaluated_k(config: PipelineConfig) -> int:
     folder = model_dir(config.work_dir)
     quantized = json.loads((folder / "quantize.json").read_text())
     evaluated = read_lineage(eval_dir(config.work_dir))
-    check_lineage(read_lineage(folder), quantized, evaluated, config.work_dir)
+    ingested = read_lineage(ingest_dir(config.work_dir))
+    check_lineage(ingested, read_lineage(folder), quantized, evaluated, config.work_dir)
     k = evaluated.get("eval_k", config.eval_k)
     if k != config.eval_k:
         logger.warning(

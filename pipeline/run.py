@@ -64,32 +64,48 @@ def check_fresh(config: PipelineConfig) -> None:
     saved = Path(config.work_dir) / "config.json"
     if not saved.is_file():
         return
-    before, now = (
-        flatten("", c.anchored().model_dump(mode="json"))
-        for c in (PipelineConfig.load(saved), config)
-    )
-    keys = before.keys() | now.keys()
-    changed = sorted(k for k in keys if before.get(k) != now.get(k))
+    changed = changed_settings(PipelineConfig.load(saved), config)
     if changed:
-        shown = ", ".join(
-            f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]
-        )
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ValueError(
-            f"{config.work_dir} already holds a run with other settings ({shown}"
-            f"{more}): ingest into a new --work-dir, or run the later steps "
+            f"{config.work_dir} already holds a run with other settings "
+            f"({changed}): ingest into a new --work-dir, or run the later steps "
             "on this one"
         )
 
 
+def changed_settings(before: PipelineConfig, now: PipelineConfig) -> str:
+    """The settings that differ, as ``key: old -> new`` (at most five
+    shown), or ``""``; paths compare by the file they name."""
+    old, new = (
+        flatten("", c.anchored().model_dump(mode="json")) for c in (before, now)
+    )
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return shown + more
+
+
 def run_step(name: str, config: PipelineConfig) -> dict:
-    """Runs one step; the first step also records the run's configuration."""
+    """Runs one step. Ingest records the run's settings; a later step run
+    with other settings (a ``--config`` or flags over the saved ones) records
+    its own once it succeeds, so the steps after it read what it used."""
     check_ready(name, config.work_dir)
+    saved = Path(config.work_dir) / "config.json"
     if name == "ingest":
         check_fresh(config)
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        config.save(config.work_dir / "config.json")
+        config.save(saved)
     result = STEPS[name](config)
+    changed = saved.is_file() and changed_settings(PipelineConfig.load(saved), config)
+    if changed:
+        logger.warning(
+            "%s ran with other settings than %s (%s): saved there for the "
+            "steps after it",
+            name,
+            saved,
+            changed,
+        )
+        config.save(saved)
     if name == "ingest":
         with tracked_run(config):
             mlflow.log_params(

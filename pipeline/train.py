@@ -58,7 +58,8 @@ from models.sharding import LocalPlacement
 from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.lineage import stamp, write_lineage
+from pipeline.ingest import ingest_dir
+from pipeline.lineage import read_lineage, stamp, write_lineage
 from pipeline.prepare import (
     Prepared,
     data_shard,
@@ -903,7 +904,8 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
             mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
     if placement.is_writer:
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        write_lineage(folder, trained=stamp())
+        ingested = read_lineage(ingest_dir(config.work_dir)).get("ingested")
+        write_lineage(folder, trained=stamp(), ingested=ingested)
     return summary
 
 

@@ -302,14 +302,34 @@ def test_the_cli_saves_paths_a_step_run_elsewhere_still_finds(
 ) -> None:
     from pipeline.cli import build_config
 
+    tmp_path = tmp_path.resolve()
     monkeypatch.chdir(tmp_path)
     argv = ["ingest", "--data", "logs/a.csv", "--work-dir", "runs/a"]
     config = build_config(parsed([*argv, "--tracking-uri", "sqlite:///m.db"]))
     assert config.data == tmp_path / "logs" / "a.csv"
     assert config.work_dir == tmp_path / "runs" / "a"
     assert config.tracking_uri == f"sqlite:///{tmp_path / 'm.db'}"
+    # Spelled another way from another directory: the same paths.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    other = ["ingest", "--data", "../x/../logs/a.csv", "--work-dir", "../runs/a"]
+    again = build_config(parsed([*other, "--tracking-uri", "sqlite:///../m.db"]))
+    assert again == config
+    monkeypatch.chdir(tmp_path)
     folder = build_config(parsed([*argv, "--tracking-uri", "mlruns"]))
     assert folder.tracking_uri == str(tmp_path / "mlruns")
     for server in ("http://127.0.0.1:5000", "databricks", f"sqlite:///{tmp_path}/x.db"):
         kept = build_config(parsed([*argv, "--tracking-uri", server]))
         assert kept.tracking_uri == server
+
+
+def test_a_later_step_finds_the_run_through_the_work_dir_its_file_names(tmp_path):
+    from pipeline.cli import build_config
+
+    work = tmp_path / "w"
+    work.mkdir()
+    PipelineConfig(train=TrainConfig(max_history=8)).save(work / "config.json")
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"work_dir": str(work), "eval_k": 5}))
+    config = build_config(parsed(["evaluate", "--config", str(later)]))
+    assert (config.train.max_history, config.eval_k) == (8, 5)

@@ -384,3 +384,44 @@ def test_the_int8_student_ranks_with_the_negative_draw_s_correction(small_run):
     assert student.config.negative_popularity == 1.0  # the default
     assert student.negative_log_ratio.abs().sum() > 0
     assert torch.equal(int8.negative_log_ratio, student.negative_log_ratio)
+
+
+def test_a_step_run_with_other_settings_saves_them_for_the_steps_after_it(tmp_path):
+    config = small_log_config(
+        tmp_path, range(1, 21), max_steps=3, student_epochs=1, distill_interval=1
+    )
+    run_step("ingest", config)
+    shorter = config.model_copy(
+        update={"train": config.train.model_copy(update={"max_history": 5})}
+    )
+    run_step("train", shorter)
+    saved = PipelineConfig.load(config.work_dir / "config.json")
+    assert saved.train.max_history == 5, "what the networks were trained with"
+    assert saved.train.distill_interval == 1, "the rest as it was"
+
+
+def test_register_refuses_a_training_of_data_ingested_again_since(small_run):
+    config = small_run
+    run_step("ingest", config)  # the same settings: allowed, new data stamp
+    with pytest.raises(ValueError, match="model/ was trained on other data than"):
+        run_step("register", config)
+    for step in ("train", "quantize", "evaluate"):
+        run_step(step, config)
+    assert run_step("register", config)["promoted"]
+
+
+def test_a_cohort_without_a_click_to_rank_gives_null_not_a_crash(tmp_path):
+    # Cold users' test events all rated 1: no cold test click to rank.
+    config = small_log_config(
+        tmp_path, range(1, 21), max_steps=3, student_epochs=1, distill_interval=1
+    )
+    log = pd.read_csv(config.data)
+    cold_test = (log.u % 5 == 0) & (log.groupby("u").cumcount() >= 5)
+    log.loc[cold_test, "r"] = 1
+    log.to_csv(config.data, index=False)
+    for step in ("ingest", "train", "quantize", "evaluate"):
+        run_step(step, config)
+    written = json.loads((config.work_dir / "eval" / "metrics.json").read_text())
+    assert written["student_int8/cold/recall_at_10"] is None
+    result = run_step("register", config)
+    assert not result["promoted"] and "could not be measured" in result["refused"][0]

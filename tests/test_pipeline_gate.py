@@ -60,3 +60,14 @@ def test_figures_at_another_k_are_not_compared():
 def test_an_impossible_tolerance_is_refused_by_name(value):
     with pytest.raises(ConfigError, match="gate_tolerance_se"):
         PipelineConfig.validated({"gate_tolerance_se": value}, "test.yaml")
+
+
+@pytest.mark.parametrize("champion", [None, CHAMPION])
+def test_a_figure_that_could_not_be_measured_is_never_champion(champion):
+    # metrics.json holds null where a cohort has no click to rank.
+    refused = gate_refusals(candidate(None, 0.12), champion, 2.0, 10)
+    assert refused == [
+        "cold Recall@10 (INT8 student) could not be measured (no test user of "
+        "that cohort has a click to rank): a version without it is never champion"
+    ]
+    assert len(gate_refusals(candidate(0.3, float("nan")), champion, 2.0, 10)) == 1
