@@ -101,7 +101,11 @@ class TrainConfig(_Settings):
     )
     hidden_dim: int = Field(64, ge=4, le=4096, description="width of the hidden layers")
     max_history: int = Field(
-        20, ge=1, le=500, description="past items a user's history keeps"
+        20,
+        ge=5,
+        le=500,
+        description="past items a user's history keeps; at least the 5 "
+        "onboarding events a new user comes with",
     )
     batch_size: int = Field(512, ge=8, description="events per training batch")
     epochs: int = Field(3, ge=1, description="teacher epochs")

@@ -283,12 +283,15 @@ def run_register(config: PipelineConfig) -> dict:
     if promoted:
         logger.info("version %s is now %r", version.version, config.alias)
     else:
+        tolerance = any("standard error" in reason for reason in refused)
         logger.warning(
-            "version %s kept out of %r: %s (gate_tolerance_se in the pipeline "
-            "config sets the gate's tolerance)",
+            "version %s kept out of %r: %s%s",
             version.version,
             config.alias,
             "; ".join(refused),
+            " (gate_tolerance_se in the pipeline config sets the gate's tolerance)"
+            if tolerance
+            else "",
         )
     (Path(config.work_dir) / "register.json").write_text(json.dumps(result, indent=2))
     return result
