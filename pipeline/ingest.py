@@ -136,6 +136,12 @@ def read_ingested(
         raise FileNotFoundError(
             f"{out} has no ingested data: run `emarec ingest --work-dir {work_dir}` first"
         )
+    if not (out / "summary.json").is_file():
+        raise FileNotFoundError(
+            f"{out} holds an ingest that was refused or stopped (its data is "
+            "there to inspect, with the quarantine file): fix what its error "
+            f"said and run `emarec ingest --work-dir {work_dir}` again"
+        )
     items = pd.read_parquet(out / "items.parquet")
     meta = json.loads((out / "features.json").read_text())
     for name in meta["item_features"]:

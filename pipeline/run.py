@@ -91,11 +91,17 @@ def run_step(name: str, config: PipelineConfig) -> dict:
     its own once it succeeds, so the steps after it read what it used."""
     check_ready(name, config.work_dir)
     saved = Path(config.work_dir) / "config.json"
+    fresh = name == "ingest" and not saved.is_file()
     if name == "ingest":
         check_fresh(config)
         config.work_dir.mkdir(parents=True, exist_ok=True)
         config.save(saved)
-    result = STEPS[name](config)
+    try:
+        result = STEPS[name](config)
+    except Exception:
+        if fresh:  # a refused first ingest holds no run: other settings may follow
+            saved.unlink(missing_ok=True)
+        raise
     changed = saved.is_file() and changed_settings(PipelineConfig.load(saved), config)
     if changed:
         logger.warning(

@@ -425,3 +425,12 @@ def test_a_cohort_without_a_click_to_rank_gives_null_not_a_crash(tmp_path):
     assert written["student_int8/cold/recall_at_10"] is None
     result = run_step("register", config)
     assert not result["promoted"] and "could not be measured" in result["refused"][0]
+
+
+def test_a_refused_ingest_leaves_no_run_to_train_on(tmp_path):
+    config = small_log_config(tmp_path, [1, 2, 3, 4, 6])  # no cold user
+    with pytest.raises(ValueError, match="too little to train and evaluate"):
+        run_step("ingest", config)
+    assert not (config.work_dir / "config.json").exists(), "other settings may follow"
+    with pytest.raises(FileNotFoundError, match="holds an ingest that was refused"):
+        run_step("train", config)
