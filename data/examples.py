@@ -178,15 +178,19 @@ def sample_negatives(
         return examples.take(np.arange(0))
     repeated = examples.take(np.repeat(np.arange(len(examples)), per_example))
 
-    def draw(size=None):
+    def draw(size):
         if probabilities is None:
             return rng.integers(1, num_items, size=size)
         return rng.choice(num_items, size=size, p=probabilities)
 
     items = draw(len(repeated))
-    for i, (user, item) in enumerate(zip(repeated.user_id, items)):
-        if item in seen.get(int(user), ()):
-            items[i] = draw()
+    again = [
+        i
+        for i, (user, item) in enumerate(zip(repeated.user_id, items))
+        if item in seen.get(int(user), ())
+    ]
+    if again:  # in one draw: a weighted draw costs a pass over the catalogue
+        items[again] = draw(len(again))
     repeated.item_idx = items.astype(np.int64)
     repeated.feedback = np.full(len(repeated), FEEDBACK_UNKNOWN, np.int64)
     repeated.label = np.zeros(len(repeated), np.float32)
