@@ -21,24 +21,29 @@ from data.locate import resolve_data
 from data.split import split_interactions
 from models.network import Batch, NetworkConfig, RecNetwork
 from models.quantize import embedding_bytes, quantize_dense, quantize_head, quantize_tables
+from pipeline.config import TrainConfig
+from pipeline.train import network_dims
 
 USERS = 64
 REPEATS = 15
 
 
 def student_and_batches() -> tuple[RecNetwork, Batch, Batch, torch.Tensor]:
-    """A float student (fixed random weights), the timed batch and a
-    calibration batch (``USERS`` rows each, with a history of at least 5), and
-    every item index."""
+    """A float student shaped as training's defaults shape it (fixed random
+    weights), the timed batch and a calibration batch (``USERS`` rows each,
+    with a history of at least 5), and every item index."""
+    defaults = TrainConfig()
     loaded = load_data(resolve_data())
     events = split_interactions(loaded.interactions)
     warm = events.loc[events.cohort == "warm", "user_id"].unique().tolist()
     space = FeatureSpace.build(
         loaded.users, loaded.items, loaded.user_features, loaded.item_features, warm
     )
-    examples = build_examples(events, space, space.encode_users(loaded.users), 20)
+    users = space.encode_users(loaded.users)
+    examples = build_examples(events, space, users, defaults.max_history)
     torch.manual_seed(0)
-    student = RecNetwork(NetworkConfig.from_space(space, use_user_id=False), space.item_tokens)
+    config = NetworkConfig.from_space(space, use_user_id=False, **network_dims(defaults))
+    student = RecNetwork(config, space.item_tokens)
     rows = np.flatnonzero(examples.history_len >= 5)
     timed, calibration = (
         Batch.from_examples(examples.take(rows[start : start + USERS])) for start in (0, USERS)

@@ -144,14 +144,7 @@ class Trainer:
         self.prepared, self.config = prepared, config
         self.placement = placement or LocalPlacement()
         torch.manual_seed(config.seed)
-        dims = {
-            "embedding_dim": config.embedding_dim,
-            "hidden_dim": config.hidden_dim,
-            "history_feedback": config.history_feedback,
-            "feedback_ratings": config.history_feedback and config.history_ratings,
-            "popularity_offset": config.popularity_offset,
-            "negative_popularity": config.negative_popularity,
-        }
+        dims = network_dims(config)
         space = prepared.space
         train = prepared.select("warm", "train")
         if len(train) == 0:
@@ -806,6 +799,18 @@ def negative_draw(
     ratio = np.log(np.maximum(probabilities, 1e-30) / uniform)
     ratio[0] = 0.0
     return probabilities, ratio.astype(np.float32)
+
+
+def network_dims(config: TrainConfig) -> dict:
+    """The ``NetworkConfig`` fields that ``config`` sets, for both networks."""
+    return {
+        "embedding_dim": config.embedding_dim,
+        "hidden_dim": config.hidden_dim,
+        "history_feedback": config.history_feedback,
+        "feedback_ratings": config.history_feedback and config.history_ratings,
+        "popularity_offset": config.popularity_offset,
+        "negative_popularity": config.negative_popularity,
+    }
 
 
 def distill_weights(config: TrainConfig) -> DistillWeights:
