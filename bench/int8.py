@@ -20,7 +20,12 @@ from data.load import load_data
 from data.locate import resolve_data
 from data.split import split_interactions
 from models.network import Batch, NetworkConfig, RecNetwork
-from models.quantize import embedding_bytes, quantize_dense, quantize_head, quantize_tables
+from models.quantize import (
+    embedding_bytes,
+    quantize_dense,
+    quantize_head,
+    quantize_tables,
+)
 from pipeline.config import TrainConfig
 from pipeline.train import network_dims
 
@@ -42,7 +47,8 @@ def student_and_batches() -> tuple[RecNetwork, Batch, Batch, torch.Tensor]:
     users = space.encode_users(loaded.users)
     examples = build_examples(events, space, users, defaults.max_history)
     torch.manual_seed(0)
-    config = NetworkConfig.from_space(space, use_user_id=False, **network_dims(defaults))
+    dims = network_dims(defaults)
+    config = NetworkConfig.from_space(space, use_user_id=False, **dims)
     student = RecNetwork(config, space.item_tokens)
     rows = np.flatnonzero(examples.history_len >= 5)
     timed, calibration = (
