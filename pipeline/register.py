@@ -30,9 +30,15 @@ from mlflow.exceptions import MlflowException
 
 from models.bundle import BUNDLE_FORMAT, ModelBundle
 from pipeline.config import PipelineConfig
-from pipeline.evaluate import eval_dir
+from pipeline.evaluate import eval_dir, read_metrics
 from pipeline.ingest import ingest_dir, read_ingested
-from pipeline.lineage import check_lineage, read_lineage
+from pipeline.lineage import (
+    check_lineage,
+    read_json,
+    read_lineage,
+    read_quantized,
+    rewrite_error,
+)
 from pipeline.tracking import run_id, tracked_run
 from pipeline.train import model_dir
 
@@ -117,7 +123,7 @@ def evaluated_k(config: PipelineConfig) -> int:
             :func:`pipeline.lineage.check_lineage`).
     """
     folder = model_dir(config.work_dir)
-    quantized = json.loads((folder / "quantize.json").read_text())
+    quantized = read_quantized(folder)
     evaluated = read_lineage(eval_dir(config.work_dir))
     ingested = read_lineage(ingest_dir(config.work_dir))
     check_lineage(ingested, read_lineage(folder), quantized, evaluated, config.work_dir)
@@ -173,7 +179,16 @@ def export_bundle(config: PipelineConfig, k: int | None = None) -> Path:
     table["seen"] = table.user_id.map(lambda u: sorted(set(items_of[u])))
     table.to_parquet(bundle / "users.parquet", index=False)
     items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)
-    metrics = json.loads((eval_dir(config.work_dir) / "metrics.json").read_text())
+    metrics = read_metrics(config.work_dir)
+    k = config.eval_k if k is None else k
+    try:
+        gate = gate_metrics(metrics, k)
+    except KeyError as missing:
+        raise rewrite_error(
+            eval_dir(config.work_dir) / "metrics.json",
+            "evaluate",
+            f"has no {missing.args[0]!r}, which the gate reads at K={k}",
+        ) from None
     info = {
         "format": BUNDLE_FORMAT,
         "max_history": width,
@@ -181,7 +196,7 @@ def export_bundle(config: PipelineConfig, k: int | None = None) -> Path:
         "user_features": meta["user_features"],
         "created": datetime.now(timezone.utc).isoformat(),
         "training_run_id": run_id(config.work_dir),
-        "gate": gate_metrics(metrics, config.eval_k if k is None else k),
+        "gate": gate,
     }
     (bundle / "bundle.json").write_text(json.dumps(info, indent=2))
     try:
@@ -215,7 +230,11 @@ def champion_gate(client: MlflowClient, config: PipelineConfig) -> dict | None:
 
 def _student_trained(config: PipelineConfig) -> bool:
     """False (with a warning) when the cold-start student never took a step."""
-    summary = json.loads((model_dir(config.work_dir) / "train_summary.json").read_text())
+    path = model_dir(config.work_dir) / "train_summary.json"
+    summary = read_json(path, "train")
+    for key in ("student_steps", "teacher_steps"):
+        if type(summary.get(key)) is not int:
+            raise rewrite_error(path, "train", f"has no count of {key}")
     if summary["student_steps"] > 0:
         return True
     logger.warning(
@@ -237,6 +256,8 @@ def run_register(config: PipelineConfig) -> dict:
     k = evaluated_k(config)
     bundle = export_bundle(config, k)
     gate = json.loads((bundle / "bundle.json").read_text())["gate"]
+    # Read before anything is registered: an unreadable summary stops here.
+    student_trained = _student_trained(config)
     client = MlflowClient(config.tracking_uri)
     with tracked_run(config) as run:
         info = mlflow.pyfunc.log_model(
@@ -261,7 +282,7 @@ def run_register(config: PipelineConfig) -> dict:
             )
         current = champion_gate(client, config)
         refused = gate_refusals(gate, current, config.gate_tolerance_se, k)
-        if not _student_trained(config):
+        if not student_trained:
             refused.append("the student took no distillation step")
         promoted = not refused
         if promoted:

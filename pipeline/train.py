@@ -874,6 +874,9 @@ def run_train(
 def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     shard = (placement.rank, placement.world_size, config.train.data_shards)
     prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
+    # The data's stamp, read before training: the data trained on, and an
+    # unreadable stamp stops the step before its work rather than after.
+    ingested = read_lineage(ingest_dir(config.work_dir)).get("ingested")
     folder = model_dir(config.work_dir)
     checkpoints = folder / "checkpoints"
     with (
@@ -904,7 +907,6 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
             mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
     if placement.is_writer:
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        ingested = read_lineage(ingest_dir(config.work_dir)).get("ingested")
         write_lineage(folder, trained=stamp(), ingested=ingested)
     return summary
 
