@@ -1,5 +1,6 @@
-"""What a step that failed and a file that cannot be read leave behind, on
-a small log and a real MLflow store (SQLite in the test's folder)."""
+"""What a step that failed, a file that cannot be read and a register run
+again leave behind, on a small log and a real MLflow store (SQLite in the
+test's folder)."""
 
 from __future__ import annotations
 
@@ -216,3 +217,71 @@ def test_train_names_an_unreadable_ingest_stamp_before_training(tmp_path):
         run_step("train", config)
     assert str(caught.value).startswith(f"{path} is not valid JSON")
     assert not (config.work_dir / "model" / "student.pt").exists()
+
+
+# -- register run again reuses the version of the same model ----------------------
+
+
+def test_register_run_twice_reuses_the_version(evaluated):
+    config = evaluated
+    first = run_step("register", config)
+    second = run_step("register", config)
+    assert first["promoted"] and not first["reused"]
+    assert second["reused"] and second["promoted"]
+    assert second["version"] == first["version"]
+    assert versions(config) == [first["version"]]
+    client = MlflowClient(config.tracking_uri)
+    champion = client.get_model_version_by_alias(config.model_name, "champion")
+    assert champion.version == first["version"]
+    trained = json.loads((config.work_dir / "model" / "lineage.json").read_text())
+    assert champion.tags["lineage.trained"] == trained["trained"]
+
+
+def test_a_register_stopped_after_registering_is_completed_by_its_retry(
+    evaluated, monkeypatch
+):
+    config = evaluated
+    tag = MlflowClient.set_model_version_tag
+
+    def unreachable(self, name, version, key, value):
+        raise mlflow.exceptions.MlflowException("the tracking server went away")
+
+    # The version is created, then MLflow fails before its tags and alias.
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", unreachable)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="went away"):
+            run_step("register", config)
+    assert MlflowClient.set_model_version_tag is tag
+    (registered,) = versions(config)
+    retried = run_step("register", config)
+    assert retried["reused"] and retried["promoted"]
+    assert versions(config) == [registered] == [retried["version"]]
+    version = MlflowClient(config.tracking_uri).get_model_version(
+        config.model_name, registered
+    )
+    assert version.aliases == ["champion"]
+    assert "gate.cold_recall" in version.tags
+
+
+def test_a_refused_version_registered_again_is_reused_and_still_refused(evaluated):
+    config = evaluated
+    champion = run_step("register", config)["version"]
+    # Another training of the same run, with a cold figure far below.
+    for step in ("train", "quantize", "evaluate"):
+        run_step(step, config)
+    path = config.work_dir / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["student_int8/cold/recall_at_10"] = -1.0
+    path.write_text(json.dumps(metrics))
+    first = run_step("register", config)
+    second = run_step("register", config)
+    assert not first["promoted"] and not second["promoted"]
+    assert second["reused"] and second["version"] == first["version"] != champion
+    assert second["refused"] == first["refused"]
+    assert second["refused"][0].startswith("cold Recall@10 (INT8 student)")
+    assert versions(config) == sorted([champion, first["version"]])
+    client = MlflowClient(config.tracking_uri)
+    alias = client.get_model_version_by_alias(config.model_name, "champion")
+    assert alias.version == champion
+    kept_out = client.get_model_version(config.model_name, first["version"])
+    assert kept_out.tags["gate.refused"] == "; ".join(second["refused"])
