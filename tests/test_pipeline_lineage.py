@@ -1,6 +1,6 @@
-"""What a step that failed, a file that cannot be read and a register run
-again leave behind, on a small log and a real MLflow store (SQLite in the
-test's folder)."""
+"""What a step that failed, a file that cannot be read, a register run again
+and a resume with nothing to resume leave behind, on a small log and a real
+MLflow store (SQLite in the test's folder)."""
 
 from __future__ import annotations
 
@@ -285,3 +285,37 @@ def test_a_refused_version_registered_again_is_reused_and_still_refused(evaluate
     assert alias.version == champion
     kept_out = client.get_model_version(config.model_name, first["version"])
     assert kept_out.tags["gate.refused"] == "; ".join(second["refused"])
+
+
+# -- a resume with nothing to resume from is refused -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        ([], "none (train.checkpoint_every is 0: --checkpoint-every writes them)"),
+        (["--checkpoint-every", "10"], "none (the run stopped before its first"),
+        (["--checkpoint-every", "10", "--incomplete"], "only incomplete ones"),
+        (["--nproc", "2"], "none (train.checkpoint_every is 0"),
+    ],
+)
+def test_a_resume_without_a_checkpoint_is_refused_before_training(
+    tmp_path, capsys, flags, why
+):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    work = config.work_dir
+    checkpoints = work / "model" / "checkpoints"
+    if "--incomplete" in flags:  # stopped while writing its first checkpoint
+        flags = [f for f in flags if f != "--incomplete"]
+        (checkpoints / "step-00000010").mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["train", "--work-dir", str(work), *flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"emarec: --resume: {checkpoints} holds no complete checkpoint to resume from"
+    )
+    assert why in err
+    assert "Drop --resume to train this run from the start" in err
+    assert not (work / "model" / "student.pt").exists()
+    assert not (work / "model" / "train_config.json").exists()
