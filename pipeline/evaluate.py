@@ -35,7 +35,14 @@ from data.examples import (  # noqa: E402
 )
 from models.network import Batch  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.lineage import read_lineage, write_lineage  # noqa: E402
+from pipeline.lineage import (  # noqa: E402
+    LINEAGE,
+    read_json,
+    read_lineage,
+    read_quantized,
+    rewrite_error,
+    write_lineage,
+)
 from pipeline.prepare import Prepared, prepare  # noqa: E402
 from pipeline.tracking import tracked_run  # noqa: E402
 
@@ -297,14 +304,41 @@ def saved_models(folder: Path) -> list[str]:
     return names + (["student_int8"] if (folder / "student_int8.pt").is_file() else [])
 
 
+def read_metrics(work_dir: Path) -> dict:
+    """``work_dir/eval/metrics.json``: a figure (or null) per metric name.
+
+    Raises:
+        ValueError: the file is unreadable or holds something else, naming
+            it and the step that rewrites it.
+    """
+    path = eval_dir(work_dir) / "metrics.json"
+    metrics = read_json(path, "evaluate")
+    for name, value in metrics.items():
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
+            problem = f"has {name!r} {value!r}, not a figure"
+            raise rewrite_error(path, "evaluate", problem)
+    return metrics
+
+
 def run_evaluate(config: PipelineConfig) -> dict:
-    """Scores every saved model; writes ``work_dir/eval`` and logs to MLflow."""
+    """Scores every saved model; writes ``work_dir/eval`` and logs to MLflow.
+
+    ``eval/lineage.json``, which vouches for ``metrics.json`` to register, is
+    removed before the metrics are replaced and written last, once the MLflow
+    logging has succeeded: an evaluate that fails midway leaves metrics that
+    register refuses.
+    """
     from models.store import load_network
     from pipeline.train import model_dir
 
     from data.features import FeatureSpace
 
     folder = model_dir(config.work_dir)
+    # Read first: a stamp that cannot be read stops the step before its work.
+    trained = read_lineage(folder).get("trained")
+    quantized = read_quantized(folder).get("quantized")
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}
@@ -315,18 +349,12 @@ def run_evaluate(config: PipelineConfig) -> dict:
 
     out = eval_dir(config.work_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / LINEAGE).unlink(missing_ok=True)
     # JSON has no NaN: a figure a cohort too small cannot give is null.
     finite = {k: v if np.isfinite(v) else None for k, v in metrics.items()}
     (out / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     recalls.to_csv(out / USER_RECALL, index=False)
-    quantized = folder / "quantize.json"
-    quantized = json.loads(quantized.read_text()) if quantized.is_file() else {}
-    write_lineage(
-        out,
-        trained=read_lineage(folder).get("trained"),
-        quantized=quantized.get("quantized"),
-        eval_k=config.eval_k,
-    )
+    lineage = {"trained": trained, "quantized": quantized, "eval_k": config.eval_k}
     table = quality_table(metrics, config.eval_k)
     (out / "quality.md").write_text(table.to_markdown(floatfmt=".4f") + "\n")
     plot_quality(table, config.eval_k, out / "quality.png")
@@ -334,4 +362,6 @@ def run_evaluate(config: PipelineConfig) -> dict:
     with tracked_run(config):
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out), artifact_path="eval")
+        mlflow.log_dict(lineage, f"eval/{LINEAGE}")
+    write_lineage(out, **lineage)
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import mlflow
@@ -14,7 +13,7 @@ from models.network import Batch
 from models.quantize import embedding_bytes, quantize_student
 from models.store import load_network, save_network
 from pipeline.config import PipelineConfig
-from pipeline.lineage import read_lineage, stamp
+from pipeline.lineage import QUANTIZE, read_lineage, stamp, write_json
 from pipeline.prepare import prepare
 from pipeline.tracking import tracked_run
 from pipeline.train import model_dir
@@ -39,8 +38,15 @@ def calibration_batches(valid, seed: int) -> list[Batch]:
 
 
 def run_quantize(config: PipelineConfig) -> dict:
-    """Writes ``student_int8`` beside the float student and logs what was done."""
+    """Writes ``student_int8`` beside the float student and logs what was done.
+
+    ``quantize.json``, whose stamp vouches for the INT8 student to evaluate
+    and register, is removed before the student is replaced and written
+    only once the MLflow logging has succeeded: a quantize that fails midway
+    leaves an INT8 student that nothing vouches for, which register refuses.
+    """
     folder = model_dir(config.work_dir)
+    trained = read_lineage(folder).get("trained")
     space = FeatureSpace.load(folder / "space.json")
     student = load_network(folder, "student", space)
     prepared = prepare(config.work_dir, config.train.max_history, space)
@@ -54,12 +60,12 @@ def run_quantize(config: PipelineConfig) -> dict:
         config.train.quantize_dense,
         calibration=calibration_batches(valid, config.train.seed),
     )
+    (folder / QUANTIZE).unlink(missing_ok=True)
     save_network(quantized, student.config, folder, "student_int8", quantized=info)
     info["float_embedding_bytes"] = embedding_bytes(student)
     info["int8_embedding_bytes"] = embedding_bytes(quantized)
-    info["trained"] = read_lineage(folder).get("trained")
+    info["trained"] = trained
     info["quantized"] = stamp()
-    (folder / "quantize.json").write_text(json.dumps(info, indent=2))
     logger.info(
         "INT8 student: tables %s, dense %s, embedding bytes %d -> %d",
         info["embedding_tables"],
@@ -73,4 +79,5 @@ def run_quantize(config: PipelineConfig) -> dict:
             "quantize/embedding_size_ratio",
             info["float_embedding_bytes"] / max(1, info["int8_embedding_bytes"]),
         )
+    write_json(folder / QUANTIZE, info)
     return info

@@ -26,13 +26,20 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from models.bundle import BUNDLE_FORMAT, ModelBundle
 from pipeline.config import PipelineConfig
-from pipeline.evaluate import eval_dir
+from pipeline.evaluate import eval_dir, read_metrics
 from pipeline.ingest import ingest_dir, read_ingested
-from pipeline.lineage import check_lineage, read_lineage
+from pipeline.lineage import (
+    check_lineage,
+    read_json,
+    read_lineage,
+    read_quantized,
+    rewrite_error,
+)
 from pipeline.tracking import run_id, tracked_run
 from pipeline.train import model_dir
 
@@ -117,7 +124,7 @@ def evaluated_k(config: PipelineConfig) -> int:
             :func:`pipeline.lineage.check_lineage`).
     """
     folder = model_dir(config.work_dir)
-    quantized = json.loads((folder / "quantize.json").read_text())
+    quantized = read_quantized(folder)
     evaluated = read_lineage(eval_dir(config.work_dir))
     ingested = read_lineage(ingest_dir(config.work_dir))
     check_lineage(ingested, read_lineage(folder), quantized, evaluated, config.work_dir)
@@ -173,7 +180,16 @@ def export_bundle(config: PipelineConfig, k: int | None = None) -> Path:
     table["seen"] = table.user_id.map(lambda u: sorted(set(items_of[u])))
     table.to_parquet(bundle / "users.parquet", index=False)
     items[["item_id", "title"]].to_parquet(bundle / "items.parquet", index=False)
-    metrics = json.loads((eval_dir(config.work_dir) / "metrics.json").read_text())
+    metrics = read_metrics(config.work_dir)
+    k = config.eval_k if k is None else k
+    try:
+        gate = gate_metrics(metrics, k)
+    except KeyError as missing:
+        raise rewrite_error(
+            eval_dir(config.work_dir) / "metrics.json",
+            "evaluate",
+            f"has no {missing.args[0]!r}, which the gate reads at K={k}",
+        ) from None
     info = {
         "format": BUNDLE_FORMAT,
         "max_history": width,
@@ -181,7 +197,7 @@ def export_bundle(config: PipelineConfig, k: int | None = None) -> Path:
         "user_features": meta["user_features"],
         "created": datetime.now(timezone.utc).isoformat(),
         "training_run_id": run_id(config.work_dir),
-        "gate": gate_metrics(metrics, config.eval_k if k is None else k),
+        "gate": gate,
     }
     (bundle / "bundle.json").write_text(json.dumps(info, indent=2))
     try:
@@ -215,7 +231,11 @@ def champion_gate(client: MlflowClient, config: PipelineConfig) -> dict | None:
 
 def _student_trained(config: PipelineConfig) -> bool:
     """False (with a warning) when the cold-start student never took a step."""
-    summary = json.loads((model_dir(config.work_dir) / "train_summary.json").read_text())
+    path = model_dir(config.work_dir) / "train_summary.json"
+    summary = read_json(path, "train")
+    for key in ("student_steps", "teacher_steps"):
+        if type(summary.get(key)) is not int:
+            raise rewrite_error(path, "train", f"has no count of {key}")
     if summary["student_steps"] > 0:
         return True
     logger.warning(
@@ -228,24 +248,78 @@ def _student_trained(config: PipelineConfig) -> bool:
     return False
 
 
+def lineage_tags(config: PipelineConfig) -> dict[str, str]:
+    """The version tags naming the training and the INT8 student this run
+    registers, or ``{}`` for a run made before the stamps existed."""
+    folder = model_dir(config.work_dir)
+    trained = read_lineage(folder).get("trained")
+    quantized = read_quantized(folder).get("quantized")
+    if not (trained and quantized):
+        return {}
+    return {"lineage.trained": trained, "lineage.quantized": quantized}
+
+
+def registered_version(
+    client: MlflowClient, config: PipelineConfig, tags: dict, champion: dict | None
+) -> ModelVersion | None:
+    """The version already registered with these lineage ``tags`` (the same
+    networks and INT8 student), if any: the champion when it is one, else
+    the latest. A retried register (an Airflow task retry, say) finds it
+    rather than registering the same model again."""
+    if not tags:
+        return None
+    wanted = (f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    query = " and ".join([f"name='{config.model_name}'", *wanted])
+    found = client.search_model_versions(query)
+    if not found:
+        return None
+    for version in found:
+        if champion is not None and version.version == champion["version"]:
+            return version
+    return max(found, key=lambda version: int(version.version))
+
+
 def run_register(config: PipelineConfig) -> dict:
     """Logs and registers the bundle; promotes it if it passes the gate.
 
+    A version already registered from the same training and INT8 student is
+    reused, its gate tags refreshed and the gate run again against the
+    current champion, instead of a second version of the same model.
+
     Returns:
-        ``version``, ``promoted`` and the gate figures compared.
+        ``version``, ``promoted``, ``reused`` and the gate figures compared.
     """
     k = evaluated_k(config)
     bundle = export_bundle(config, k)
     gate = json.loads((bundle / "bundle.json").read_text())["gate"]
+    lineage = lineage_tags(config)
+    # Read before anything is registered: an unreadable summary stops here.
+    student_trained = _student_trained(config)
     client = MlflowClient(config.tracking_uri)
     with tracked_run(config) as run:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_FILE),
-            artifacts={"bundle": str(bundle)},
-            pip_requirements=["emarec"],
-        )
-        version = mlflow.register_model(info.model_uri, config.model_name)
+        current = champion_gate(client, config)
+        version = registered_version(client, config, lineage, current)
+        reused = version is not None
+        if reused:
+            logger.info(
+                "version %s of %r already holds this training and INT8 student "
+                "(tags %s): reusing it, not registering it again",
+                version.version,
+                config.model_name,
+                ", ".join(f"{key}={value}" for key, value in lineage.items()),
+            )
+        else:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={"bundle": str(bundle)},
+                pip_requirements=["emarec"],
+            )
+            # Tagged as it is created: a register stopped right after finds
+            # this version on its next try.
+            version = mlflow.register_model(
+                info.model_uri, config.model_name, tags=lineage or None
+            )
         tags = {
             "gate.cold_recall": gate["cold"],
             "gate.warm_recall": gate["warm"],
@@ -259,13 +333,23 @@ def run_register(config: PipelineConfig) -> dict:
             client.set_model_version_tag(
                 config.model_name, version.version, key, str(value)
             )
-        current = champion_gate(client, config)
-        refused = gate_refusals(gate, current, config.gate_tolerance_se, k)
-        if not _student_trained(config):
-            refused.append("the student took no distillation step")
+        already = current is not None and current["version"] == version.version
+        if already:  # it passed when it was promoted; never compared with itself
+            refused = []
+        else:
+            refused = gate_refusals(gate, current, config.gate_tolerance_se, k)
+            if not student_trained:
+                refused.append("the student took no distillation step")
         promoted = not refused
         if promoted:
-            client.set_registered_model_alias(config.model_name, config.alias, version.version)
+            if not already:
+                client.set_registered_model_alias(
+                    config.model_name, config.alias, version.version
+                )
+            if "gate.refused" in version.tags:  # refused on an earlier try
+                client.delete_model_version_tag(
+                    config.model_name, version.version, "gate.refused"
+                )
         else:
             client.set_model_version_tag(
                 config.model_name, version.version, "gate.refused", "; ".join(refused)
@@ -275,12 +359,15 @@ def run_register(config: PipelineConfig) -> dict:
     result = {
         "version": version.version,
         "promoted": promoted,
+        "reused": reused,
         "refused": refused,
         "candidate": gate,
         "champion_before": current,
         "tolerance_se": config.gate_tolerance_se,
     }
-    if promoted:
+    if already:
+        logger.info("version %s already is %r", version.version, config.alias)
+    elif promoted:
         logger.info("version %s is now %r", version.version, config.alias)
     else:
         tolerance = any("standard error" in reason for reason in refused)

@@ -879,6 +879,9 @@ def run_train(
 def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     shard = (placement.rank, placement.world_size, config.train.data_shards)
     prepared = prepare(config.work_dir, config.train.max_history, shard=shard)
+    # The data's stamp, read before training: the data trained on, and an
+    # unreadable stamp stops the step before its work rather than after.
+    ingested = read_lineage(ingest_dir(config.work_dir)).get("ingested")
     folder = model_dir(config.work_dir)
     checkpoints = folder / "checkpoints"
     with (
@@ -894,34 +897,51 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
             folder / "snapshots",
             placement,
         )
-        done = complete_checkpoints(checkpoints)
         if resume:
-            check_resumable(checkpoints)
-        if resume and done:
-            trainer.load_checkpoint(done[-1])
-        elif resume:
-            logger.warning(
-                "no complete checkpoint in %s: training from the start", checkpoints
-            )
+            check_resumable(checkpoints, config.train.checkpoint_every)
+            trainer.load_checkpoint(complete_checkpoints(checkpoints)[-1])
         summary = trainer.run(checkpoints)
         trainer.save(folder)
         if placement.is_writer:
             mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})
     if placement.is_writer:
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        ingested = read_lineage(ingest_dir(config.work_dir)).get("ingested")
         write_lineage(folder, trained=stamp(), ingested=ingested)
     return summary
 
 
-def check_resumable(checkpoints: Path) -> None:
-    """Refuses to resume a run whose newest checkpoint is its end.
+def check_resumable(checkpoints: Path, every: int) -> None:
+    """Refuses a resume with nothing to resume from, or whose newest
+    checkpoint is its end.
+
+    Without a complete checkpoint, training from the start with a warning
+    in the log would start over a run the user meant to continue (one begun
+    without ``--checkpoint-every``, say) and spend the hours a resume is
+    for. Only a person asks for a resume (the weekly DAG's train task never
+    does: a retried task trains from the start), so the refusal costs one
+    command without the flag.
+
+    Args:
+        every: ``train.checkpoint_every`` (0: the run writes none).
 
     Raises:
-        ValueError: the run finished; resuming would only repeat its last part.
+        ValueError: nothing to resume from, or the run finished; resuming
+            would start over or only repeat its last part.
     """
     done = complete_checkpoints(checkpoints)
-    if done and json.loads((done[-1] / "meta.json").read_text()).get("finished"):
+    if not done:
+        started = Path(checkpoints).is_dir() and any(Path(checkpoints).glob("step-*"))
+        if started:
+            why = "only incomplete ones (the run was stopped while writing its first)"
+        elif not every:
+            why = "none (train.checkpoint_every is 0: --checkpoint-every writes them)"
+        else:
+            why = f"none (the run stopped before its first, at step {every})"
+        raise ValueError(
+            f"--resume: {checkpoints} holds no complete checkpoint to resume from, "
+            f"{why}. Drop --resume to train this run from the start"
+        )
+    if json.loads((done[-1] / "meta.json").read_text()).get("finished"):
         raise ValueError(
             f"{done[-1]} is the end of a finished run: nothing to resume. Train "
             "longer in a new --work-dir, or drop --resume to start this one over"
@@ -968,7 +988,7 @@ def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
         )
     folder = model_dir(config.work_dir)
     if resume:
-        check_resumable(folder / "checkpoints")
+        check_resumable(folder / "checkpoints", train.checkpoint_every)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train_config.json"
     config.save(path)
@@ -980,10 +1000,14 @@ def launch_torchrun(config: PipelineConfig, resume: bool) -> dict:
     logger.info("launching %s", " ".join(command))
     done = subprocess.run(command, check=False)
     if done.returncode:
+        again = f"emarec train --work-dir {config.work_dir} --nproc {train.nproc}"
+        if complete_checkpoints(folder / "checkpoints"):
+            hint = f"Resume with `{again} --resume`"
+        else:
+            hint = f"No checkpoint was written: run `{again}` again from the start"
         raise RuntimeError(
-            f"torchrun exited with {done.returncode}; the ranks' errors are above. "
-            f"Resume with `emarec train --work-dir {config.work_dir} "
-            f"--nproc {config.train.nproc} --resume`"
+            f"torchrun exited with {done.returncode}; the ranks' errors are "
+            f"above. {hint}"
         )
     return json.loads((folder / "train_summary.json").read_text())
 

@@ -146,6 +146,12 @@ def test_worse_candidate_is_registered_but_not_promoted(pipeline_run, tmp_path):
     metrics["student_int8/cold/recall_at_10"] -= config.gate_tolerance_se * se + 0.01
     metrics_path.write_text(json.dumps(metrics))
     (work_dir / "run.json").unlink()  # a run of its own
+    # ... and a training of its own: register reuses the version of the same
+    # networks and INT8 student rather than registering them again.
+    for name in ("model/lineage.json", "model/quantize.json", "eval/lineage.json"):
+        stamps = json.loads((work_dir / name).read_text())
+        stamps["trained"] = "another-training"
+        (work_dir / name).write_text(json.dumps(stamps))
 
     outcome = run_step("register", config.model_copy(update={"work_dir": work_dir}))
 

@@ -1,0 +1,321 @@
+"""What a step that failed, a file that cannot be read, a register run again
+and a resume with nothing to resume leave behind, on a small log and a real
+MLflow store (SQLite in the test's folder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import PipelineConfig
+from pipeline.run import run_step
+from tests.test_pipeline_e2e import small_log_config
+
+
+def small_config(tmp_path: Path) -> PipelineConfig:
+    return small_log_config(
+        tmp_path, range(1, 21), max_steps=3, student_epochs=1, distill_interval=1
+    )
+
+
+@pytest.fixture
+def evaluated(tmp_path) -> PipelineConfig:
+    """A small log trained, quantized and evaluated: ready to register."""
+    config = small_config(tmp_path)
+    for step in ("ingest", "train", "quantize", "evaluate"):
+        run_step(step, config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> PipelineConfig:
+    """The same, once for the module: tests that only read copy its folder."""
+    config = small_config(tmp_path_factory.mktemp("template"))
+    for step in ("ingest", "train", "quantize", "evaluate"):
+        run_step(step, config)
+    return config
+
+
+def copy_of(template: PipelineConfig, tmp_path: Path) -> PipelineConfig:
+    work_dir = shutil.copytree(template.work_dir, tmp_path / "w")
+    return template.model_copy(update={"work_dir": work_dir})
+
+
+def other_store(config: PipelineConfig, tmp_path: Path) -> PipelineConfig:
+    """The run's settings with a tracking store that lacks its MLflow run:
+    the step's MLflow logging fails."""
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    return config.model_copy(update={"tracking_uri": uri})
+
+
+def versions(config: PipelineConfig) -> list[str]:
+    found = MlflowClient(config.tracking_uri).search_model_versions(
+        f"name='{config.model_name}'"
+    )
+    return sorted(v.version for v in found)
+
+
+# -- a step whose MLflow logging failed is not vouched for -----------------------
+
+
+def test_a_quantize_whose_logging_failed_is_refused_naming_quantize(
+    evaluated, tmp_path
+):
+    config = evaluated
+    with pytest.raises(RuntimeError, match="use the tracking URI of its first step"):
+        run_step("quantize", other_store(config, tmp_path))
+    # The new INT8 student is on disk, but nothing vouches for it.
+    assert not (config.work_dir / "model" / "quantize.json").exists()
+    again = f"run `emarec quantize --work-dir {config.work_dir}` again"
+    for step in ("evaluate", "register"):
+        with pytest.raises(ValueError) as caught:
+            run_step(step, config)
+        message = str(caught.value)
+        assert message.startswith(f"{config.work_dir}/model/quantize.json is missing")
+        assert again in message
+    assert versions(config) == []
+    run_step("quantize", config)
+    run_step("evaluate", config)
+    assert run_step("register", config)["promoted"]
+
+
+def _failing_artifacts(*args, **kwargs):
+    raise OSError("the artifact store is full")
+
+
+@pytest.mark.parametrize("failure", ["run", "artifacts"])
+def test_an_evaluate_whose_logging_failed_is_refused_naming_evaluate(
+    evaluated, tmp_path, monkeypatch, failure
+):
+    config = evaluated
+    if failure == "run":
+        with pytest.raises(RuntimeError, match="use the tracking URI"):
+            run_step("evaluate", other_store(config, tmp_path))
+    else:
+        with monkeypatch.context() as patch:
+            patch.setattr(mlflow, "log_artifacts", _failing_artifacts)
+            with pytest.raises(OSError, match="artifact store is full"):
+                run_step("evaluate", config)
+    # metrics.json is rewritten, but the stamp that vouched for the last one
+    # is gone and no new one was written.
+    assert (config.work_dir / "eval" / "metrics.json").is_file()
+    assert not (config.work_dir / "eval" / "lineage.json").exists()
+    with pytest.raises(ValueError) as caught:
+        run_step("register", config)
+    message = str(caught.value)
+    assert message.startswith(f"{config.work_dir}/eval/lineage.json is missing")
+    assert f"run `emarec evaluate --work-dir {config.work_dir}`" in message
+    assert versions(config) == []
+    run_step("evaluate", config)
+    assert run_step("register", config)["promoted"]
+
+
+def test_a_quantize_that_succeeds_logs_its_stamp_and_writes_it_last(
+    evaluated, tmp_path
+):
+    config = evaluated
+    info = run_step("quantize", config)
+    written = json.loads((config.work_dir / "model" / "quantize.json").read_text())
+    assert written["quantized"] == info["quantized"]
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    client = MlflowClient(config.tracking_uri)
+    logged = client.download_artifacts(run_id, "model/quantize.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["quantized"] == info["quantized"]
+    assert not list((config.work_dir / "model").glob("*.tmp"))
+
+
+# -- a file that cannot be read names itself and the step that rewrites it --------
+
+NOT_JSON = "{'trained': "
+# The steps a file's own step makes stale, as the error names them.
+THEN = {
+    "ingest": ", then train, quantize and evaluate",
+    "train": ", then quantize and evaluate",
+    "quantize": ", then evaluate",
+    "evaluate": "",
+}
+UNREADABLE = {
+    "model/quantize.json": [
+        (NOT_JSON, "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"quantized": 7}', "has 'quantized' 7, not a stamp"),
+    ],
+    "eval/metrics.json": [
+        (NOT_JSON, "is not valid JSON"),
+        ("{}", "has no 'student_int8/cold/recall_at_10'"),
+        ('{"a/warm/auc": "high"}', "has 'a/warm/auc' 'high', not a figure"),
+    ],
+    "eval/lineage.json": [
+        ("", "is not valid JSON"),
+        ('{"trained": null, "quantized": null, "eval_k": "10"}', "has 'eval_k' '10'"),
+    ],
+    "model/lineage.json": [
+        (NOT_JSON, "is not valid JSON"),
+        ("{}", "has no 'trained' stamp"),
+    ],
+    "ingest/lineage.json": [("null", "holds a JSON NoneType, not an object")],
+    "model/train_summary.json": [
+        ('{"teacher_steps": 3}', "has no count of student_steps"),
+    ],
+}
+STEP_OF = {
+    "model/quantize.json": "quantize",
+    "eval/metrics.json": "evaluate",
+    "eval/lineage.json": "evaluate",
+    "model/lineage.json": "train",
+    "ingest/lineage.json": "ingest",
+    "model/train_summary.json": "train",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [(name, *case) for name, cases in UNREADABLE.items() for case in cases],
+)
+def test_an_unreadable_file_names_itself_and_the_step_that_rewrites_it(
+    template, tmp_path, name, content, problem
+):
+    config = copy_of(template, tmp_path)
+    path = config.work_dir / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as caught:
+        run_step("register", config)
+    step = STEP_OF[name]
+    rewrite = f"run `emarec {step} --work-dir {config.work_dir}` again to rewrite it"
+    message = str(caught.value)
+    assert message.startswith(f"{path} {problem}")
+    assert message.endswith(rewrite + THEN[step])
+    assert versions(config) == []
+
+
+def test_evaluate_names_an_unreadable_quantize_json_before_its_work(
+    template, tmp_path, capsys
+):
+    config = copy_of(template, tmp_path)
+    (config.work_dir / "model" / "quantize.json").write_text(NOT_JSON)
+    capsys.readouterr()
+    assert main(["evaluate", "--work-dir", str(config.work_dir)]) == 2
+    err = capsys.readouterr().err
+    path = config.work_dir / "model" / "quantize.json"
+    assert err.startswith(f"emarec: {path} is not valid JSON")
+    # Refused before its work: the last evaluation still stands as it was.
+    assert (config.work_dir / "eval" / "lineage.json").is_file()
+
+
+def test_train_names_an_unreadable_ingest_stamp_before_training(tmp_path):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    path = config.work_dir / "ingest" / "lineage.json"
+    path.write_text(NOT_JSON)
+    with pytest.raises(ValueError) as caught:
+        run_step("train", config)
+    assert str(caught.value).startswith(f"{path} is not valid JSON")
+    assert not (config.work_dir / "model" / "student.pt").exists()
+
+
+# -- register run again reuses the version of the same model ----------------------
+
+
+def test_register_run_twice_reuses_the_version(evaluated):
+    config = evaluated
+    first = run_step("register", config)
+    second = run_step("register", config)
+    assert first["promoted"] and not first["reused"]
+    assert second["reused"] and second["promoted"]
+    assert second["version"] == first["version"]
+    assert versions(config) == [first["version"]]
+    client = MlflowClient(config.tracking_uri)
+    champion = client.get_model_version_by_alias(config.model_name, "champion")
+    assert champion.version == first["version"]
+    trained = json.loads((config.work_dir / "model" / "lineage.json").read_text())
+    assert champion.tags["lineage.trained"] == trained["trained"]
+
+
+def test_a_register_stopped_after_registering_is_completed_by_its_retry(
+    evaluated, monkeypatch
+):
+    config = evaluated
+    tag = MlflowClient.set_model_version_tag
+
+    def unreachable(self, name, version, key, value):
+        raise mlflow.exceptions.MlflowException("the tracking server went away")
+
+    # The version is created, then MLflow fails before its tags and alias.
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", unreachable)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="went away"):
+            run_step("register", config)
+    assert MlflowClient.set_model_version_tag is tag
+    (registered,) = versions(config)
+    retried = run_step("register", config)
+    assert retried["reused"] and retried["promoted"]
+    assert versions(config) == [registered] == [retried["version"]]
+    version = MlflowClient(config.tracking_uri).get_model_version(
+        config.model_name, registered
+    )
+    assert version.aliases == ["champion"]
+    assert "gate.cold_recall" in version.tags
+
+
+def test_a_refused_version_registered_again_is_reused_and_still_refused(evaluated):
+    config = evaluated
+    champion = run_step("register", config)["version"]
+    # Another training of the same run, with a cold figure far below.
+    for step in ("train", "quantize", "evaluate"):
+        run_step(step, config)
+    path = config.work_dir / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["student_int8/cold/recall_at_10"] = -1.0
+    path.write_text(json.dumps(metrics))
+    first = run_step("register", config)
+    second = run_step("register", config)
+    assert not first["promoted"] and not second["promoted"]
+    assert second["reused"] and second["version"] == first["version"] != champion
+    assert second["refused"] == first["refused"]
+    assert second["refused"][0].startswith("cold Recall@10 (INT8 student)")
+    assert versions(config) == sorted([champion, first["version"]])
+    client = MlflowClient(config.tracking_uri)
+    alias = client.get_model_version_by_alias(config.model_name, "champion")
+    assert alias.version == champion
+    kept_out = client.get_model_version(config.model_name, first["version"])
+    assert kept_out.tags["gate.refused"] == "; ".join(second["refused"])
+
+
+# -- a resume with nothing to resume from is refused -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        ([], "none (train.checkpoint_every is 0: --checkpoint-every writes them)"),
+        (["--checkpoint-every", "10"], "none (the run stopped before its first"),
+        (["--checkpoint-every", "10", "--incomplete"], "only incomplete ones"),
+        (["--nproc", "2"], "none (train.checkpoint_every is 0"),
+    ],
+)
+def test_a_resume_without_a_checkpoint_is_refused_before_training(
+    tmp_path, capsys, flags, why
+):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    work = config.work_dir
+    checkpoints = work / "model" / "checkpoints"
+    if "--incomplete" in flags:  # stopped while writing its first checkpoint
+        flags = [f for f in flags if f != "--incomplete"]
+        (checkpoints / "step-00000010").mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["train", "--work-dir", str(work), *flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"emarec: --resume: {checkpoints} holds no complete checkpoint to resume from"
+    )
+    assert why in err
+    assert "Drop --resume to train this run from the start" in err
+    assert not (work / "model" / "student.pt").exists()
+    assert not (work / "model" / "train_config.json").exists()
