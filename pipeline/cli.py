@@ -143,12 +143,8 @@ def cmd_step(args) -> int:
     from pipeline.run import run_step
 
     config = build_config(args)
-    if args.command == "train":
-        from pipeline.train import run_train
-
-        result = run_train(config, resume=args.resume)
-    else:
-        result = run_step(args.command, config)
+    options = {"resume": args.resume} if args.command == "train" else {}
+    result = run_step(args.command, config, **options)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

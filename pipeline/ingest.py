@@ -16,7 +16,7 @@ from data.locate import resolve_data
 from data.schema import INTERACTIONS_SCHEMA, QUARANTINE_SCHEMA, LoadedData
 from data.split import split_counts, split_interactions
 from pipeline.config import PipelineConfig
-from pipeline.lineage import stamp, write_lineage
+from pipeline.lineage import LINEAGE, stamp, write_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ def run_ingest(config: PipelineConfig) -> dict:
     loaded = load_data(source, config.mapping)
     out = ingest_dir(config.work_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # What vouches for the data goes before the data does: an ingest refused
+    # or stopped from here on leaves files that later steps refuse.
+    (out / "summary.json").unlink(missing_ok=True)
+    (out / LINEAGE).unlink(missing_ok=True)
     write_loaded(loaded, out)
     events = split_interactions(loaded.interactions)
     _check_trainable(source, events)

@@ -6,7 +6,7 @@ both stamps and its K. Register then refuses a bundle whose parts come from
 different trainings (a retrain after quantize, say) or a training of data
 ingested since, which would otherwise be registered with the gate figures of
 another model. Runs made before the stamps existed carry none and are not
-checked.
+checked; a run with stamped data and an unstamped model is refused.
 
 Quantize and evaluate write their stamp last, once everything else in the
 step (its MLflow logging included) has succeeded, and remove the one they
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def read_json(path: Path, step: str) -> dict:
 
 
 def check_stamps(path: Path, step: str, stamps: dict, required=()) -> dict:
-    """``stamps`` when each stamp it holds is a string or null (``eval_k`` a
+    """``stamps`` when each stamp it holds is a string of letters, digits,
+    ``_`` and ``-`` (:func:`stamp` writes hex) or null (``eval_k`` a
     positive integer) and each of ``required`` is there.
 
     Raises:
@@ -93,7 +95,9 @@ def check_stamps(path: Path, step: str, stamps: dict, required=()) -> dict:
             raise rewrite_error(path, step, f"has no {key!r} stamp")
     for key in ("ingested", "trained", "quantized"):
         value = stamps.get(key)
-        if value is not None and not isinstance(value, str):
+        if value is not None and not (
+            isinstance(value, str) and re.fullmatch(r"[\w-]+", value)
+        ):
             raise rewrite_error(path, step, f"has {key!r} {value!r}, not a stamp")
     k = stamps.get("eval_k")
     if "eval_k" in stamps and (type(k) is not int or k < 1):
@@ -166,9 +170,16 @@ def check_lineage(
         ValueError: naming the stale step and the commands that bring it up
             to date.
     """
-    if not trained:
-        return
     again = f"--work-dir {work_dir}"
+    if not trained:
+        if ingested:  # a stamped run whose train did not complete
+            raise ValueError(
+                f"{work_dir}/model/lineage.json is missing: the train that wrote "
+                f"{work_dir}/model/ did not complete (it failed or was stopped, "
+                f"in its MLflow logging, say): run `emarec train {again}`, then "
+                "quantize and evaluate, before register"
+            )
+        return
     if "ingested" in trained and trained["ingested"] != ingested.get("ingested"):
         raise ValueError(
             f"{work_dir}/model/ was trained on other data than {work_dir}/ingest/ "

@@ -268,9 +268,14 @@ def registered_version(
     rather than registering the same model again."""
     if not tags:
         return None
-    wanted = (f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    query = " and ".join([f"name='{config.model_name}'", *wanted])
-    found = client.search_model_versions(query)
+    # The stamps are hex: the query holds no text a user chose (a model name
+    # with a quote in it would break it); the name is compared here instead.
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    found = [
+        version
+        for version in client.search_model_versions(query)
+        if version.name == config.model_name
+    ]
     if not found:
         return None
     for version in found:

@@ -11,7 +11,8 @@ import mlflow
 
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import run_evaluate
-from pipeline.ingest import run_ingest
+from pipeline.ingest import ingest_dir, run_ingest
+from pipeline.lineage import LINEAGE
 from pipeline.quantize import run_quantize
 from pipeline.register import run_register
 from pipeline.tracking import flatten, tracked_run
@@ -85,10 +86,14 @@ def changed_settings(before: PipelineConfig, now: PipelineConfig) -> str:
     return shown + more
 
 
-def run_step(name: str, config: PipelineConfig) -> dict:
+def run_step(name: str, config: PipelineConfig, **options) -> dict:
     """Runs one step. Ingest records the run's settings; a later step run
     with other settings (a ``--config`` or flags over the saved ones) records
-    its own once it succeeds, so the steps after it read what it used."""
+    its own once it succeeds, so the steps after it read what it used.
+
+    Args:
+        options: passed to the step (``resume`` for train).
+    """
     check_ready(name, config.work_dir)
     saved = Path(config.work_dir) / "config.json"
     fresh = name == "ingest" and not saved.is_file()
@@ -97,7 +102,7 @@ def run_step(name: str, config: PipelineConfig) -> dict:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         config.save(saved)
     try:
-        result = STEPS[name](config)
+        result = STEPS[name](config, **options)
     except Exception:
         if fresh:  # a refused first ingest holds no run: other settings may follow
             saved.unlink(missing_ok=True)
@@ -113,12 +118,20 @@ def run_step(name: str, config: PipelineConfig) -> dict:
         )
         config.save(saved)
     if name == "ingest":
-        with tracked_run(config):
-            mlflow.log_params(
-                flatten("", config.model_dump(mode="json", exclude={"train"}))
-            )
-            counts = flatten("", {k: v for k, v in result.items() if k != "source"})
-            mlflow.log_metrics({f"ingest/{k}": float(v) for k, v in counts.items()})
+        try:
+            with tracked_run(config):
+                mlflow.log_params(
+                    flatten("", config.model_dump(mode="json", exclude={"train"}))
+                )
+                counts = flatten("", {k: v for k, v in result.items() if k != "source"})
+                mlflow.log_metrics({f"ingest/{k}": float(v) for k, v in counts.items()})
+        except Exception:
+            # An ingest whose run was not logged is not done: later steps
+            # refuse its data until one completes.
+            out = ingest_dir(config.work_dir)
+            (out / "summary.json").unlink(missing_ok=True)
+            (out / LINEAGE).unlink(missing_ok=True)
+            raise
     return result
 
 

@@ -59,7 +59,7 @@ from models.snapshot import DoubleBuffer
 from models.store import save_network
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.ingest import ingest_dir
-from pipeline.lineage import read_lineage, stamp, write_lineage
+from pipeline.lineage import LINEAGE, read_lineage, stamp, write_lineage
 from pipeline.prepare import (
     Prepared,
     data_shard,
@@ -901,6 +901,10 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
             check_resumable(checkpoints, config.train.checkpoint_every)
             trainer.load_checkpoint(complete_checkpoints(checkpoints)[-1])
         summary = trainer.run(checkpoints)
+        if placement.is_writer:
+            # The old stamp must not vouch for the networks about to replace
+            # those it was written for: it is written again once all is done.
+            (folder / LINEAGE).unlink(missing_ok=True)
         trainer.save(folder)
         if placement.is_writer:
             mlflow.log_metrics({f"train/{k}": float(v) for k, v in summary.items()})

@@ -20,6 +20,12 @@ from serving.recommendations import MAX_CAPACITY, log_bytes
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Shorter tokens are guessable; 16 characters of a random token are plenty.
 MIN_ADMIN_TOKEN_CHARS = 16
+# The body limit by default: room for the largest request the other limits
+# allow (max_batch users of max_history items with clicks, ratings and
+# features: about 19 bytes an item written compactly, 45 indented) and a
+# margin for the rest.
+BODY_BYTES_PER_ITEM = 48
+BODY_BYTES_BASE = 64 * 1024
 
 
 def _physical_memory() -> int | None:
@@ -54,6 +60,9 @@ class ServingSettings(BaseSettings):
         admin_token: bearer token of the ``/v1/admin`` endpoints; they are
             disabled while it is unset.
         max_body_bytes: largest request body accepted; larger ones get 413.
+            By default, room for the largest request ``max_batch`` and
+            ``max_history`` allow, even indented: 64 KiB plus 48 bytes per
+            item of ``max_batch`` x ``max_history`` (664 KiB with theirs).
         torch_threads: torch intra-op threads of the serving process. Each
             request is small and the threadpool already runs requests side by
             side, so one thread per request avoids oversubscribing the cores.
@@ -93,7 +102,7 @@ class ServingSettings(BaseSettings):
     poll_interval_s: float = 30
     model_cache: int = 3
     admin_token: SecretStr | None = None
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int | None = None
     torch_threads: int = 1
     torch_interop_threads: int = 1
     malloc_arenas: int = Field(2, ge=0)
@@ -165,14 +174,21 @@ class ServingSettings(BaseSettings):
         "torch_interop_threads",
     )
     @classmethod
-    def _positive_limit(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
+    def _positive_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:
             env = f"EMAREC_{info.field_name.upper()}"
             raise ValueError(
                 f"{info.field_name} must be >= 1, got {value}; set {env} to a "
                 "positive integer"
             )
         return value
+
+    @model_validator(mode="after")
+    def _body_fits_the_largest_request(self) -> ServingSettings:
+        if self.max_body_bytes is None:
+            items = self.max_batch * self.max_history
+            self.max_body_bytes = BODY_BYTES_BASE + BODY_BYTES_PER_ITEM * items
+        return self
 
     @model_validator(mode="after")
     def _log_fits_a_recommendation(self) -> ServingSettings:

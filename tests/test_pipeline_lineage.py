@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -319,3 +320,90 @@ def test_a_resume_without_a_checkpoint_is_refused_before_training(
     assert "Drop --resume to train this run from the start" in err
     assert not (work / "model" / "student.pt").exists()
     assert not (work / "model" / "train_config.json").exists()
+
+
+# -- a train or an ingest that did not complete vouches for nothing -------------
+
+
+def test_a_train_that_failed_after_saving_its_networks_is_refused_naming_train(
+    evaluated, monkeypatch
+):
+    from pipeline.train import Trainer
+
+    config = evaluated
+    save = Trainer.save
+
+    def save_then_fail(self, folder):
+        save(self, folder)
+        raise OSError("disk full after the networks")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", save_then_fail)
+        with pytest.raises(OSError, match="disk full"):
+            run_step("train", config)
+    # New networks beside the old quantize and evaluate stamps: the old
+    # training's stamp no longer vouches for them.
+    assert (config.work_dir / "model" / "student.pt").is_file()
+    assert not (config.work_dir / "model" / "lineage.json").exists()
+    with pytest.raises(ValueError) as caught:
+        run_step("register", config)
+    message = str(caught.value)
+    assert message.startswith(f"{config.work_dir}/model/lineage.json is missing")
+    assert f"run `emarec train --work-dir {config.work_dir}`" in message
+    assert versions(config) == []
+
+
+def test_a_repeated_ingest_that_is_refused_leaves_no_ingest_to_train_on(tmp_path):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    ingest = config.work_dir / "ingest"
+    assert (ingest / "summary.json").is_file() and (ingest / "lineage.json").is_file()
+    # The same file, now without a cold user: refused as too little to evaluate.
+    log = Path(config.data)
+    frame = pd.read_csv(log)
+    frame[frame.u % 5 != 0].to_csv(log, index=False)
+    with pytest.raises(ValueError, match="too little to train and evaluate"):
+        run_step("ingest", config)
+    assert not (ingest / "summary.json").exists()
+    assert not (ingest / "lineage.json").exists()
+    with pytest.raises(FileNotFoundError, match="holds an ingest that was refused"):
+        run_step("train", config)
+
+
+def test_an_ingest_whose_logging_failed_leaves_no_ingest_to_train_on(
+    tmp_path, monkeypatch
+):
+    config = small_config(tmp_path)
+
+    def failing(*args, **kwargs):
+        raise OSError("tracking store is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_metrics", failing)
+        with pytest.raises(OSError, match="tracking store is full"):
+            run_step("ingest", config)
+    ingest = config.work_dir / "ingest"
+    assert (ingest / "interactions.parquet").is_file()
+    assert not (ingest / "summary.json").exists()
+    assert not (ingest / "lineage.json").exists()
+    with pytest.raises(FileNotFoundError, match="holds an ingest that was refused"):
+        run_step("train", config)
+    run_step("ingest", config)  # the same settings again: accepted
+    assert (ingest / "lineage.json").is_file()
+
+
+def test_train_from_the_command_line_saves_its_settings_for_the_steps_after_it(
+    tmp_path,
+):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    override = tmp_path / "longer.json"
+    override.write_text(json.dumps({"train": {"max_history": 7}}))
+    work = str(config.work_dir)
+    assert main(["train", "--work-dir", work, "--config", str(override)]) == 0
+    saved = PipelineConfig.load(config.work_dir / "config.json")
+    assert saved.train.max_history == 7
+    assert saved.train.max_steps == config.train.max_steps
+    # Train still checks its input: without an ingest it names the step.
+    fresh = str(tmp_path / "empty")
+    assert main(["train", "--work-dir", fresh, "--config", str(override)]) == 2

@@ -1111,3 +1111,31 @@ def test_lifespan_freezes_start_up_objects_and_hands_them_back(
 
     with TestClient(make_app(predictor, mlflow_client, malloc_trim_interval_s=0)):
         assert gc.get_freeze_count() == 0
+
+
+def test_the_largest_request_the_limits_allow_fits_the_default_body_limit(
+    predictor, mlflow_client
+):
+    """``max_batch`` users of ``max_history`` items each, with clicks, ratings
+    and features, sent indented: the default body limit follows those two."""
+    with TestClient(make_app(predictor, mlflow_client, max_batch=64)) as client:
+        settings = ServingSettings(tracking_uri="fake://tracking", max_batch=64)
+        items = [(i % 39) + 1 for i in range(settings.max_history)]
+        user = {
+            "features": {"gender": "F", "age": "25"},
+            "item_ids": items,
+            "clicked": [i % 2 == 0 for i in items],
+            "ratings": [(i % 5) + 1 for i in items],
+        }
+        body = json.dumps({"users": [user] * settings.max_batch}, indent=2)
+        assert len(body) > 64 * 1024  # the old fixed limit refused it
+        assert len(body) < settings.max_body_bytes
+        response = client.post(
+            "/v1/embeddings", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["embeddings"]) == settings.max_batch
+        # One more item per user than max_history is refused for what it is.
+        user = {"item_ids": items + [1]}
+        response = client.post("/v1/embeddings", json={"users": [user]})
+        assert response.status_code == 422

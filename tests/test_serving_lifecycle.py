@@ -28,6 +28,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.register import PYFUNC_MODEL_FILE
+from serving.config import ServingSettings
 from serving.loading import LocalSource
 from serving.registry import ModelRef
 from serving.watcher import ModelWatcher
@@ -249,7 +250,8 @@ def test_admin_reload_needs_the_token(server):
 def test_oversized_bodies_get_413_over_http(server):
     url = f"{server.url}/v1/embeddings"
     headers = {"content-type": "application/json"}
-    padding = b" " * (64 * 1024)
+    limit = ServingSettings(tracking_uri="fake://tracking").max_body_bytes
+    padding = b" " * limit
     declared = httpx.post(
         url, content=b'{"users": [' + padding + b"]}", headers=headers, trust_env=False
     )
@@ -261,7 +263,7 @@ def test_oversized_bodies_get_413_over_http(server):
     )
     for response in (declared, chunked):
         assert response.status_code == 413, response.text
-        assert "limit of 65536 bytes" in response.json()["detail"]
+        assert f"limit of {limit} bytes" in response.json()["detail"]
     assert chunked.request.headers["transfer-encoding"] == "chunked"
 
 
