@@ -127,12 +127,13 @@ class ColumnMapping(BaseModel):
         return named | {name: list(cols) for name, cols in features.items() if cols}
 
 
-def read_log(path: Path) -> pd.DataFrame:
+def read_log(path: Path) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
     """Reads a Parquet or CSV log as strings-or-values without coercion.
 
     Returns:
         One row per record, indexed by where it is in the file: a CSV's
-        physical line (the header is line 1), a Parquet file's row from 1.
+        physical line (the header is line 1), a Parquet file's row from 1;
+        and the records that cannot be rows, each as (line, reason, text).
 
     Raises:
         DataLayoutError: the file cannot be read as its type.
@@ -141,7 +142,7 @@ def read_log(path: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
         frame.index = pd.RangeIndex(1, len(frame) + 1)
-        return frame
+        return frame, []
     if path.suffix in (".csv", ".tsv"):
         return _read_delimited(path, "\t" if path.suffix == ".tsv" else ",")
     raise DataLayoutError(
@@ -149,32 +150,45 @@ def read_log(path: Path) -> pd.DataFrame:
     )
 
 
-def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
-    """A CSV or TSV as strings, indexed by each record's first physical line.
+def _read_delimited(
+    path: Path, sep: str
+) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
+    """A CSV or TSV as strings, indexed by each record's first physical line,
+    and the records refused, as (line, reason, text).
 
     pandas numbers records, not lines: after a blank line (or a quoted field
     that spans lines) its row numbers stop matching the file. Blank lines are
     not records; a record shorter than the header is padded with missing
-    values, one longer stops the file (its fields cannot be assigned).
+    values. One longer than the header (its fields cannot be assigned), or
+    with bytes that are not UTF-8, is refused, to be quarantined with its
+    line; the rest of the file is still read. A header that cannot be read,
+    or quoting the CSV reader cannot follow, stops the file.
     """
     kind = path.suffix[1:].upper()
-    header, rows, lines = None, [], []
+    header, rows, lines, refused = None, [], [], []
+    not_utf8: dict[int, str] = {}
     with open(path, "rb") as f:
-        reader = csv.reader(_utf8_lines(path, f, kind), delimiter=sep)
+        reader = csv.reader(_utf8_lines(path, f, kind, not_utf8), delimiter=sep)
         line = 1
         try:
             for fields in reader:
                 start, line = line, reader.line_num + 1
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue
+                bad = [not_utf8[n] for n in range(start, line) if n in not_utf8]
                 if header is None:
+                    if bad:
+                        raise _unreadable(path, start, kind, bad[0])
                     header = _header(path, start, fields)
                     continue
-                if len(fields) > len(header):
-                    problem = f"{len(fields)} fields where the header has {len(header)}"
-                    raise _unreadable(path, start, kind, problem)
-                rows.append(fields + [None] * (len(header) - len(fields)))
-                lines.append(start)
+                text = sep.join(fields)
+                if bad or len(fields) > len(header):
+                    counts = f"{len(fields)} fields where the header has {len(header)}"
+                    reason = f"cannot be read as {kind}: {bad[0] if bad else counts}"
+                    refused.append((start, reason, text))
+                else:
+                    rows.append(fields + [None] * (len(header) - len(fields)))
+                    lines.append(start)
         except csv.Error as error:
             raise _unreadable(path, line, kind, str(error)) from None
     if header is None:
@@ -182,16 +196,19 @@ def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
             path, 1, "the file is empty", "Write the column names on line 1"
         )
     index = pd.Index(lines, dtype="int64")
-    return pd.DataFrame(rows, columns=header, index=index, dtype=str)
+    return pd.DataFrame(rows, columns=header, index=index, dtype=str), refused
 
 
-def _utf8_lines(path: Path, f, kind: str):
-    """Decodes line by line, so that a bad byte is reported on its own line."""
+def _utf8_lines(path: Path, f, kind: str, not_utf8: dict[int, str]):
+    """Decodes line by line; a line that is not UTF-8 is decoded with
+    replacement characters and noted in ``not_utf8`` (line number to
+    problem), so that its record is refused on its own line."""
     for number, raw in enumerate(f, start=1):
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as error:
-            raise _unreadable(path, number, kind, f"not UTF-8 ({error})") from None
+            not_utf8[number] = f"not UTF-8 ({error})"
+            text = raw.decode("utf-8", errors="replace")
         yield text
 
 
@@ -228,9 +245,11 @@ def load_generic(
         MappingError: a mapped column is missing from the file.
     """
     path = Path(path)
-    frame = read_log(path)
+    frame, refused = read_log(path)
     _check_columns(path, frame, mapping, mapping_file or "the mapping")
     quarantine = Quarantine()
+    for line, reason, text in refused:
+        quarantine.add(path.name, line, reason, text)
     columns = {"user_id": [], "item_id": [], "rating": [], "click": [], "timestamp": []}
     kept_rows = []
     seen = set()
@@ -261,7 +280,7 @@ def load_generic(
         user_features={name: "categorical" for name in mapping.user_features},
         item_features=list(mapping.item_features),
         quarantine=quarantine.frame(),
-        rows_in=len(frame),
+        rows_in=len(frame) + len(refused),
         source=str(path),
     )
 

@@ -3,6 +3,7 @@ refused with a message naming the key."""
 
 from __future__ import annotations
 
+import json
 import os
 import types
 import typing
@@ -416,4 +417,18 @@ class PipelineConfig(_Settings):
 
     @classmethod
     def load(cls, path: Path) -> "PipelineConfig":
-        return cls.model_validate_json(Path(path).read_text())
+        """Reads settings :meth:`save` wrote (a run's ``config.json``).
+
+        Raises:
+            ConfigError: the file is not JSON or the settings are not valid
+                (edited by hand, say); the message names the file and field.
+        """
+        path = Path(path)
+        fix = "restore it, or ingest into a new --work-dir"
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error}): {fix}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings: {fix}")
+        return cls.validated(raw, str(path))

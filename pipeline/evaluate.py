@@ -342,6 +342,14 @@ def run_evaluate(config: PipelineConfig) -> dict:
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}
+    if "student_int8" not in models:
+        logger.warning(
+            "%s holds no INT8 student (quantize has not run): it is left out of "
+            "these metrics, and register needs it; run `emarec quantize "
+            "--work-dir %s`, then evaluate again",
+            folder,
+            config.work_dir,
+        )
     models = with_feedback_views(models)
     metrics, recalls = evaluate_models(
         prepared, models, config.eval_k, config.train.max_history

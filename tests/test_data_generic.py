@@ -438,11 +438,23 @@ def test_missing_mapping_file_names_the_option(tmp_path: Path) -> None:
         ColumnMapping.from_file(tmp_path / "nope.yaml")
 
 
-def test_csv_line_that_cannot_be_split_names_file_and_line(tmp_path: Path) -> None:
+PLAIN_MAPPING = ColumnMapping(user="uid", item="iid", timestamp="when", rating="stars")
+
+
+def test_csv_line_that_cannot_be_split_is_quarantined_with_its_line(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "log.csv"
-    path.write_text("uid,iid,when,stars\n1,2,100,4\n1,3,200,4,extra,fields\n")
-    with pytest.raises(DataLayoutError, match=r"log.csv, line 3: cannot be read as CSV"):
-        load_generic(path, RATED_MAPPING)
+    path.write_text(
+        "uid,iid,when,stars\n1,2,100,4\n1,3,200,4,extra,fields\n1,4,300,5\n"
+    )
+    loaded = load_generic(path, PLAIN_MAPPING)
+    assert loaded.interactions.item_id.tolist() == [2, 4]
+    assert (loaded.rows_in, loaded.rows_kept, loaded.rows_quarantined) == (3, 2, 1)
+    [row] = loaded.quarantine.itertuples()
+    assert (row.source, row.line) == ("log.csv", 3)
+    assert row.reason == "cannot be read as CSV: 6 fields where the header has 4"
+    assert row.raw == "1,3,200,4,extra,fields"
 
 
 def test_csv_line_numbers_are_physical_after_blank_and_comment_lines(
@@ -479,15 +491,27 @@ def test_csv_line_after_blank_lines_that_cannot_be_split_has_its_true_line(
 ) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid,when,stars\n\n\n1,2,100,4\n\n1,3,200,4,extra\n")
-    with pytest.raises(DataLayoutError, match="line 6: cannot be read as CSV: 5 fie"):
-        load_generic(path, RATED_MAPPING)
+    loaded = load_generic(path, PLAIN_MAPPING)
+    assert loaded.quarantine.line.tolist() == [6]
+    assert loaded.quarantine.reason[0].startswith("cannot be read as CSV: 5 fie")
 
 
-def test_csv_byte_that_is_not_utf8_is_reported_on_its_line(tmp_path: Path) -> None:
+def test_csv_byte_that_is_not_utf8_is_quarantined_on_its_line(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     rows = b"".join(b"1,%d,%d,4\n" % (i, i) for i in range(2, 5000))
-    path.write_bytes(b"uid,iid,when,stars\n" + rows + b"1,9,\xff9,4\n")
-    with pytest.raises(DataLayoutError, match="line 5000: cannot be read as CSV: not"):
+    path.write_bytes(b"uid,iid,when,stars\n" + rows + b"1,9,\xff9,4\n1,9999,9999,4\n")
+    loaded = load_generic(path, PLAIN_MAPPING)
+    assert loaded.rows_in == 5000 and loaded.rows_kept == 4999
+    [row] = loaded.quarantine.itertuples()
+    assert row.line == 5000
+    assert row.reason.startswith("cannot be read as CSV: not UTF-8")
+    assert 9999 in loaded.interactions.item_id.tolist()
+
+
+def test_a_header_that_is_not_utf8_stops_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"uid,i\xffid,when,stars\n1,2,3,4\n")
+    with pytest.raises(DataLayoutError, match="line 1: cannot be read as CSV: not"):
         load_generic(path, RATED_MAPPING)
 
 

@@ -333,3 +333,24 @@ def test_a_later_step_finds_the_run_through_the_work_dir_its_file_names(tmp_path
     later.write_text(json.dumps({"work_dir": str(work), "eval_k": 5}))
     config = build_config(parsed(["evaluate", "--config", str(later)]))
     assert (config.train.max_history, config.eval_k) == (8, 5)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold a mapping of settings"),
+        (json.dumps({"train": {"epochs": 0}}), "field 'train.epochs' is 0"),
+    ],
+)
+def test_a_broken_saved_config_names_its_file_and_field(
+    tmp_path, capsys, text, expected
+):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text(text)
+    assert main(["evaluate", "--work-dir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emarec: {work / 'config.json'}")
+    assert expected in err
+    assert "Traceback" not in err
