@@ -407,3 +407,14 @@ def test_train_from_the_command_line_saves_its_settings_for_the_steps_after_it(
     # Train still checks its input: without an ingest it names the step.
     fresh = str(tmp_path / "empty")
     assert main(["train", "--work-dir", fresh, "--config", str(override)]) == 2
+
+
+def test_a_refused_register_leaves_no_result_of_an_earlier_one(evaluated):
+    config = evaluated
+    assert run_step("register", config)["promoted"]
+    result = config.work_dir / "register.json"
+    assert result.is_file()
+    (config.work_dir / "eval" / "lineage.json").unlink()  # an evaluate cut short
+    with pytest.raises(ValueError, match="eval/lineage.json is missing"):
+        run_step("register", config)
+    assert not result.exists()
