@@ -60,6 +60,13 @@ FLAGS = {
 }
 
 
+MLFLOW_STEP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def _flag_values(args: argparse.Namespace) -> dict[str, object]:
     """The config fields set on the command line, by dotted name."""
     values = {
@@ -284,6 +291,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # MLflow's usage telemetry would call out of the machine: off unless asked for.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's HTTP defaults (7 retries with exponential backoff, 120 s
+    # timeouts) leave a step against a tracking server that is down silent
+    # for many minutes; a few short retries still ride out a blip.
+    for name, value in MLFLOW_STEP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = make_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import mlflow
 
+from data.locate import resolve_data
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import run_evaluate
 from pipeline.ingest import ingest_dir, run_ingest
 from pipeline.lineage import LINEAGE
 from pipeline.quantize import run_quantize
 from pipeline.register import run_register
-from pipeline.tracking import flatten, tracked_run
+from pipeline.tracking import check_run, flatten, tracked_run
 from pipeline.train import run_train
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,14 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
         options: passed to the step (``resume`` for train).
     """
     check_ready(name, config.work_dir)
+    if name != "ingest":  # ingest refuses another tracking URI as other settings
+        check_run(config)
     saved = Path(config.work_dir) / "config.json"
     fresh = name == "ingest" and not saved.is_file()
+    if name == "ingest" and config.data is None:
+        # Saved as found (EMAREC_DATA, the shared copy, the download): a
+        # retry that would find other data is refused, not run on it.
+        config = config.model_copy(update={"data": resolve_data(None).resolve()})
     if name == "ingest":
         check_fresh(config)
         config.work_dir.mkdir(parents=True, exist_ok=True)

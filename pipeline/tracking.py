@@ -20,25 +20,55 @@ def _run_file(work_dir: Path) -> Path:
 
 
 def run_id(work_dir: Path) -> str | None:
+    """The MLflow run of ``work_dir`` (``run.json``), or None before its
+    first step logged.
+
+    Raises:
+        ValueError: ``run.json`` is unreadable, naming it and the fix.
+    """
     path = _run_file(work_dir)
-    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("run_id")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        value = None
+    if not isinstance(value, str) or not value.isalnum():
+        raise ValueError(
+            f"{path} does not hold this work dir's MLflow run id "
+            '(`{"run_id": "<32 hex digits>"}`): restore it from the run in '
+            "MLflow (its tag or the UI), or start again in a new --work-dir"
+        )
+    return value
+
+
+def check_run(config: PipelineConfig) -> None:
+    """Refuses a tracking URI that lacks the work dir's MLflow run, before
+    a step does its work rather than when it logs.
+
+    Raises:
+        RuntimeError: naming the run, the URI and the fix.
+    """
+    existing = run_id(config.work_dir)
+    if existing is None:
+        return
+    try:
+        mlflow.MlflowClient(config.tracking_uri).get_run(existing)
+    except mlflow.exceptions.MlflowException:
+        raise RuntimeError(
+            f"{config.work_dir} belongs to MLflow run {existing}, which "
+            f"{config.tracking_uri} does not have: use the tracking URI of its "
+            "first step, or a new --work-dir"
+        ) from None
 
 
 @contextmanager
 def tracked_run(config: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     """Starts the pipeline's run, or resumes it if an earlier step started it."""
+    check_run(config)
     mlflow.set_tracking_uri(config.tracking_uri)
     mlflow.set_experiment(config.experiment)
     existing = run_id(config.work_dir)
-    if existing is not None:
-        try:
-            mlflow.MlflowClient(config.tracking_uri).get_run(existing)
-        except mlflow.exceptions.MlflowException:
-            raise RuntimeError(
-                f"{config.work_dir} belongs to MLflow run {existing}, which "
-                f"{config.tracking_uri} does not have: use the tracking URI of its "
-                "first step, or a new --work-dir"
-            ) from None
     with mlflow.start_run(run_id=existing) as run:
         if existing is None:
             Path(config.work_dir).mkdir(parents=True, exist_ok=True)

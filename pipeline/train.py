@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -732,6 +732,7 @@ class Trainer:
                 "guard_best": self.guard.best,
                 "finished": finished,
                 "curves": self.curves.points,
+                "networks": self._network_shapes(),
             }
             (path / "meta.json.tmp").write_text(json.dumps(meta))
             (path / "meta.json.tmp").rename(path / "meta.json")
@@ -741,6 +742,35 @@ class Trainer:
         self.placement.barrier()
         return path
 
+    def _network_shapes(self) -> dict:
+        """Both networks' settings, as JSON holds them."""
+        shapes = {"teacher": self.teacher_config, "student": self.student_config}
+        return json.loads(json.dumps({k: asdict(v) for k, v in shapes.items()}))
+
+    def _check_shapes(self, path: Path, saved: dict | None) -> None:
+        """Refuses a checkpoint of networks with other settings (a resume with
+        another ``embedding_dim``, say); one written before they were saved
+        is not checked here.
+
+        Raises:
+            ValueError: naming the settings that differ and the fix.
+        """
+        if saved is None:
+            return
+        now = self._network_shapes()
+        changed = [
+            f"{network}.{key}: {saved.get(network, {}).get(key)!r} -> {value!r}"
+            for network, fields in now.items()
+            for key, value in fields.items()
+            if saved.get(network, {}).get(key) != value
+        ]
+        if changed:
+            raise ValueError(
+                f"{path} was written by networks of other settings "
+                f"({', '.join(changed[:4])}): resume with the settings it was "
+                "written with, or drop --resume to train from the start"
+            )
+
     def load_checkpoint(self, path: Path) -> None:
         """Resumes from a checkpoint of :meth:`save_checkpoint`: same world size."""
         meta = json.loads((Path(path) / "meta.json").read_text())
@@ -749,8 +779,16 @@ class Trainer:
                 f"{path} was written by {meta['world_size']} processes; resume it "
                 f"with --nproc {meta['world_size']}, not {self.placement.world_size}"
             )
+        self._check_shapes(path, meta.get("networks"))
         state = self._checkpoint_state()
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except Exception as error:  # torch wraps each rank's error in its own
+            raise ValueError(
+                f"{path} does not load into this run's networks ({error}); "
+                "resume with the settings it was written with, or drop --resume "
+                "to train from the start"
+            ) from None
         load_optimizer = self.placement.load_optimizer_state
         self.teacher.load_state_dict(state["teacher"])
         load_optimizer(self.teacher, self.teacher_opt, state["teacher_optimizer"])

@@ -65,12 +65,18 @@ def versions(config: PipelineConfig) -> list[str]:
 # -- a step whose MLflow logging failed is not vouched for -----------------------
 
 
+def _failing_log(*args, **kwargs):
+    raise OSError("the tracking store is full")
+
+
 def test_a_quantize_whose_logging_failed_is_refused_naming_quantize(
-    evaluated, tmp_path
+    evaluated, monkeypatch
 ):
     config = evaluated
-    with pytest.raises(RuntimeError, match="use the tracking URI of its first step"):
-        run_step("quantize", other_store(config, tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_dict", _failing_log)
+        with pytest.raises(OSError, match="tracking store is full"):
+            run_step("quantize", config)
     # The new INT8 student is on disk, but nothing vouches for it.
     assert not (config.work_dir / "model" / "quantize.json").exists()
     again = f"run `emarec quantize --work-dir {config.work_dir}` again"
@@ -90,19 +96,35 @@ def _failing_artifacts(*args, **kwargs):
     raise OSError("the artifact store is full")
 
 
-@pytest.mark.parametrize("failure", ["run", "artifacts"])
-def test_an_evaluate_whose_logging_failed_is_refused_naming_evaluate(
-    evaluated, tmp_path, monkeypatch, failure
+@pytest.mark.parametrize("step", ["train", "quantize", "evaluate", "register"])
+def test_a_later_step_with_another_tracking_store_is_refused_before_its_work(
+    evaluated, tmp_path, step
 ):
     config = evaluated
-    if failure == "run":
-        with pytest.raises(RuntimeError, match="use the tracking URI"):
-            run_step("evaluate", other_store(config, tmp_path))
-    else:
-        with monkeypatch.context() as patch:
-            patch.setattr(mlflow, "log_artifacts", _failing_artifacts)
-            with pytest.raises(OSError, match="artifact store is full"):
-                run_step("evaluate", config)
+    before = {
+        path: path.stat().st_mtime_ns
+        for path in config.work_dir.rglob("*")
+        if path.is_file()
+    }
+    with pytest.raises(RuntimeError, match="use the tracking URI of its first step"):
+        run_step(step, other_store(config, tmp_path))
+    after = {
+        path: path.stat().st_mtime_ns
+        for path in config.work_dir.rglob("*")
+        if path.is_file()
+    }
+    assert after == before  # nothing written, nothing removed
+    assert run_step("register", config)["promoted"]
+
+
+def test_an_evaluate_whose_logging_failed_is_refused_naming_evaluate(
+    evaluated, monkeypatch
+):
+    config = evaluated
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_artifacts", _failing_artifacts)
+        with pytest.raises(OSError, match="artifact store is full"):
+            run_step("evaluate", config)
     # metrics.json is rewritten, but the stamp that vouched for the last one
     # is gone and no new one was written.
     assert (config.work_dir / "eval" / "metrics.json").is_file()
@@ -418,3 +440,62 @@ def test_a_refused_register_leaves_no_result_of_an_earlier_one(evaluated):
     with pytest.raises(ValueError, match="eval/lineage.json is missing"):
         run_step("register", config)
     assert not result.exists()
+
+
+def test_an_ingest_without_data_saves_the_data_it_found(tmp_path, monkeypatch):
+    config = small_config(tmp_path)
+    first = Path(config.data)
+    other = tmp_path / "other.csv"
+    shutil.copy(first, other)
+    monkeypatch.setenv("EMAREC_DATA", str(first))
+    found = config.model_copy(update={"data": None})
+    run_step("ingest", found)
+    saved = PipelineConfig.load(config.work_dir / "config.json")
+    assert saved.data == first.resolve()
+    # A retry that would now find other data is refused, not run on it ...
+    monkeypatch.setenv("EMAREC_DATA", str(other))
+    with pytest.raises(ValueError, match="already holds a run with other settings"):
+        run_step("ingest", found)
+    # ... and naming the data it found is the same run again.
+    monkeypatch.delenv("EMAREC_DATA")
+    run_step("ingest", config)
+
+
+@pytest.mark.parametrize("text", ["{oops", "[]", '{"run_id": 7}', '{"run": "x"}'])
+def test_an_unreadable_run_json_names_itself(template, tmp_path, capsys, text):
+    config = copy_of(template, tmp_path)
+    (config.work_dir / "run.json").write_text(text)
+    capsys.readouterr()
+    assert main(["evaluate", "--work-dir", str(config.work_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emarec: {config.work_dir / 'run.json'} does not hold")
+    assert "new --work-dir" in err
+
+
+def test_a_resume_with_other_network_settings_names_them(tmp_path, capsys):
+    config = small_log_config(
+        tmp_path,
+        range(1, 21),
+        epochs=30,
+        max_steps=30,
+        student_epochs=1,
+        distill_interval=1,
+        sync_interval=1,
+        checkpoint_every=10,
+    )
+    run_step("ingest", config)
+    run_step("train", config)
+    checkpoints = sorted((config.work_dir / "model" / "checkpoints").glob("step-*"))
+    shutil.rmtree(checkpoints[-1])  # the finished one: as if the run died before
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({"train": {"embedding_dim": 16}}))
+    work = str(config.work_dir)
+    capsys.readouterr()
+    args = ["train", "--work-dir", work, "--resume", "--config", str(wider)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emarec: {checkpoints[-2]} was written by networks of")
+    assert "teacher.embedding_dim: 32 -> 16" in err
+    assert "drop --resume" in err
+    # The same settings resume.
+    assert main(["train", "--work-dir", work, "--resume"]) == 0
