@@ -20,11 +20,18 @@ UNKNOWN = "unknown"
 AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"))
 
 
+# Ages outside this range are no one's age in years (a typo, a birth year).
+MAX_AGE = 120
+
+
 def age_bucket(value: str) -> str:
-    """MovieLens' age groups; a value that is not a number is unknown."""
+    """MovieLens' age groups; a value that is not a number, or not an age in
+    years (below 0 or above ``MAX_AGE``), is unknown."""
     try:
         age = int(float(value))
     except (ValueError, OverflowError):  # OverflowError: "inf"
+        return UNKNOWN
+    if not 0 <= age <= MAX_AGE:
         return UNKNOWN
     for upper, label in AGE_BUCKETS:
         if age < upper:
@@ -40,7 +47,10 @@ def zip_prefix(value: str) -> str:
 
 TOKENIZERS = {"categorical": str, "age_bucket": age_bucket, "zip_prefix": zip_prefix}
 # What a value of a bucketed kind must be.
-EXPECTED = {"age_bucket": "an age in years", "zip_prefix": "a zip code"}
+EXPECTED = {
+    "age_bucket": f"an age in years (0 to {MAX_AGE})",
+    "zip_prefix": "a zip code",
+}
 # At most this many known values are listed in a message.
 MAX_LISTED = 30
 

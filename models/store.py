@@ -34,8 +34,25 @@ def load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:
 
     Raises:
         FileNotFoundError: the config or the tensors are missing.
+        ValueError: either cannot be read (cut short, edited, or of another
+            network), naming the file.
     """
     folder = Path(folder)
+    try:
+        return _load_network(folder, name, space)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"{folder / name}.pt with {name}.json cannot be loaded "
+            f"({type(error).__name__}: {str(error)[:300]}): the files were cut "
+            "short, edited or mixed up; write them again with the step that "
+            "made them (train, or quantize for student_int8), or export the "
+            "bundle again"
+        ) from None
+
+
+def _load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:
     meta = json.loads((folder / f"{name}.json").read_text())
     raw = meta["network"]
     for key in ("user_vocab_sizes", "item_vocab_sizes", "user_feature_names", "item_feature_names"):

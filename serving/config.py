@@ -61,8 +61,9 @@ class ServingSettings(BaseSettings):
             disabled while it is unset.
         max_body_bytes: largest request body accepted; larger ones get 413.
             By default, room for the largest request ``max_batch`` and
-            ``max_history`` allow, even indented: 64 KiB plus 48 bytes per
-            item of ``max_batch`` x ``max_history`` (664 KiB with theirs).
+            ``max_history`` allow, indented by two spaces: 64 KiB plus 48
+            bytes per item of ``max_batch`` x ``max_history`` (664 KiB with
+            theirs).
         torch_threads: torch intra-op threads of the serving process. Each
             request is small and the threadpool already runs requests side by
             side, so one thread per request avoids oversubscribing the cores.

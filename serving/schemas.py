@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 # Ids are looked up in numpy/torch int64 tables; larger ones could overflow.
 MAX_ID = 2**63 - 1
@@ -19,8 +19,20 @@ MAX_ID = 2**63 - 1
 Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
 Rating = Annotated[int, Field(strict=True, ge=1, le=5)]
 Cohort = Literal["warm", "cold"]
+
+
+def _number_as_text(value: object) -> object:
+    """A side feature's value as text: ``31`` reads as ``"31"`` (an age
+    sent as a JSON number); ``true`` stays what it is, and is refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+FeatureValue = Annotated[str, BeforeValidator(_number_as_text)]
 FEATURES_DESCRIPTION = (
-    "Side features by name; missing ones count as unknown. A value the model "
+    "Side features by name, as text (a number, such as an age, may be sent as "
+    "a JSON number); missing ones count as unknown. A value the model "
     "has not seen in training (or cannot read, such as an age that is not a "
     "number) is refused with a 422 naming the known values: leave the feature "
     "out to serve the user as unknown."
@@ -88,7 +100,7 @@ class UserEmbeddingResponse(BaseModel):
 class ColdUserIn(_Body):
     """A new user: side features and the items they have touched, oldest first."""
 
-    features: dict[str, str] = Field(
+    features: dict[str, FeatureValue] = Field(
         default_factory=dict, description=FEATURES_DESCRIPTION
     )
     item_ids: list[Id] = Field(
@@ -122,7 +134,7 @@ class RecommendationRequest(_Body):
             "features/item_ids are ignored; an unknown one needs item_ids."
         ),
     )
-    features: dict[str, str] | None = Field(
+    features: dict[str, FeatureValue] | None = Field(
         None, description=f"A new user's side features. {FEATURES_DESCRIPTION}"
     )
     item_ids: list[Id] | None = Field(

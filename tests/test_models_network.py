@@ -696,6 +696,25 @@ def test_loading_a_missing_network_names_the_file(space, tmp_path: Path) -> None
         load_network(tmp_path, "nothing", space)
 
 
+@pytest.mark.parametrize("damage", ["tensors cut short", "config edited"])
+def test_loading_a_damaged_network_names_the_file(
+    space, student, tmp_path: Path, damage: str
+) -> None:
+    model, config = student
+    save_network(model, config, tmp_path, "student")
+    if damage == "tensors cut short":
+        tensors = tmp_path / "student.pt"
+        tensors.write_bytes(tensors.read_bytes()[:1000])
+    else:
+        meta = tmp_path / "student.json"
+        meta.write_text(meta.read_text().replace('"embedding_dim"', '"width"'))
+    with pytest.raises(ValueError) as caught:
+        load_network(tmp_path, "student", space)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'student'}.pt with student.json cannot")
+    assert "write them again with the step that made them" in message
+
+
 def test_dense_quantization_keeps_scores_close(space, student) -> None:
     model = quantize_tables(student[0])
     both = quantize_dense(model)

@@ -277,6 +277,25 @@ def test_feature_value_that_cannot_be_read_is_422(client):
     assert error["msg"].startswith("age 'old' is not an age in years")
 
 
+@pytest.mark.parametrize("age", ["-5", "500", -5, True])
+def test_an_age_that_is_no_age_in_years_is_422(client, age):
+    user = {"features": {"age": age}, "item_ids": [1]}
+    response = client.post("/v1/embeddings", json={"users": [user]})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "users", 0, "features", "age"]
+
+
+def test_an_age_sent_as_a_number_reads_as_its_text(client):
+    def embed(age):
+        user = {"features": {"age": age}, "item_ids": [1, 2]}
+        response = client.post("/v1/embeddings", json={"users": [user]})
+        assert response.status_code == 200, response.text
+        return response.json()["embeddings"][0]
+
+    assert embed(31) == embed("31") == embed(31.0)
+
+
 @pytest.mark.parametrize("value", ["unknown", ""])
 def test_feature_value_asking_for_unknown_is_served(client, predictor, value):
     user = {"features": {"gender": "F", "occupation": value}, "item_ids": [1]}
