@@ -650,8 +650,10 @@ class Trainer:
                 name: self.placement.unshard(module, config, tokens)
                 for name, (module, config) in networks.items()
             }
-        if self.placement.sharded:
-            # The end, students included: replaces a periodic one of this step.
+        if self.placement.sharded or self.config.checkpoint_every:
+            # The end, students included: replaces a periodic one of this step,
+            # and a --resume of the finished run is refused rather than
+            # repeating its end.
             checkpoints = folder / "checkpoints"
             if self.placement.is_writer:
                 shutil.rmtree(self._checkpoint_path(checkpoints), ignore_errors=True)

@@ -472,7 +472,9 @@ def test_an_unreadable_run_json_names_itself(template, tmp_path, capsys, text):
     assert "new --work-dir" in err
 
 
-def test_a_resume_with_other_network_settings_names_them(tmp_path, capsys):
+def test_a_finished_run_refuses_resume_and_other_settings_are_named(
+    tmp_path, capsys
+):
     config = small_log_config(
         tmp_path,
         range(1, 21),
@@ -486,7 +488,11 @@ def test_a_resume_with_other_network_settings_names_them(tmp_path, capsys):
     run_step("ingest", config)
     run_step("train", config)
     checkpoints = sorted((config.work_dir / "model" / "checkpoints").glob("step-*"))
-    shutil.rmtree(checkpoints[-1])  # the finished one: as if the run died before
+    finished = checkpoints[-1]
+    capsys.readouterr()
+    assert main(["train", "--work-dir", str(config.work_dir), "--resume"]) == 2
+    assert f"{finished} is the end of a finished run" in capsys.readouterr().err
+    shutil.rmtree(finished)  # as if the run died before its end
     wider = tmp_path / "wider.json"
     wider.write_text(json.dumps({"train": {"embedding_dim": 16}}))
     work = str(config.work_dir)
