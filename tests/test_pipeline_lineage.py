@@ -62,6 +62,17 @@ def versions(config: PipelineConfig) -> list[str]:
     return sorted(v.version for v in found)
 
 
+def refused_by_register(config: PipelineConfig, missing: str, step: str) -> None:
+    """Register refuses the run, naming the missing stamp and the step that
+    writes it again, and registers nothing."""
+    with pytest.raises(ValueError) as caught:
+        run_step("register", config)
+    message = str(caught.value)
+    assert message.startswith(f"{config.work_dir}/{missing} is missing")
+    assert f"run `emarec {step} --work-dir {config.work_dir}`" in message
+    assert versions(config) == []
+
+
 # -- a step whose MLflow logging failed is not vouched for -----------------------
 
 
@@ -129,12 +140,7 @@ def test_an_evaluate_whose_logging_failed_is_refused_naming_evaluate(
     # is gone and no new one was written.
     assert (config.work_dir / "eval" / "metrics.json").is_file()
     assert not (config.work_dir / "eval" / "lineage.json").exists()
-    with pytest.raises(ValueError) as caught:
-        run_step("register", config)
-    message = str(caught.value)
-    assert message.startswith(f"{config.work_dir}/eval/lineage.json is missing")
-    assert f"run `emarec evaluate --work-dir {config.work_dir}`" in message
-    assert versions(config) == []
+    refused_by_register(config, "eval/lineage.json", "evaluate")
     run_step("evaluate", config)
     assert run_step("register", config)["promoted"]
 
@@ -367,12 +373,7 @@ def test_a_train_that_failed_after_saving_its_networks_is_refused_naming_train(
     # training's stamp no longer vouches for them.
     assert (config.work_dir / "model" / "student.pt").is_file()
     assert not (config.work_dir / "model" / "lineage.json").exists()
-    with pytest.raises(ValueError) as caught:
-        run_step("register", config)
-    message = str(caught.value)
-    assert message.startswith(f"{config.work_dir}/model/lineage.json is missing")
-    assert f"run `emarec train --work-dir {config.work_dir}`" in message
-    assert versions(config) == []
+    refused_by_register(config, "model/lineage.json", "train")
 
 
 def test_a_repeated_ingest_that_is_refused_leaves_no_ingest_to_train_on(tmp_path):
