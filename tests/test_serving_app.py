@@ -338,7 +338,7 @@ def test_history_above_max_history_is_422(predictor, mlflow_client):
         {"users": [{"features": {"gender": "F"}}]},
         {"users": [{"item_ids": [-1]}]},
         {"users": [{"item_ids": ["3"]}]},
-        {"users": [{"item_ids": [1], "features": {"age": 25}}]},
+        {"users": [{"item_ids": [1], "features": {"age": [25]}}]},
         {"users": [{"item_ids": [1], "extra": True}]},
         {"users": "everyone"},
         {},
