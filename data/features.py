@@ -28,11 +28,12 @@ def age_bucket(value: str) -> str:
     """MovieLens' age groups; a value that is not a number, or not an age in
     years (below 0 or above ``MAX_AGE``), is unknown."""
     try:
-        age = int(float(value))
-    except (ValueError, OverflowError):  # OverflowError: "inf"
+        years = float(value)
+    except ValueError:
         return UNKNOWN
-    if not 0 <= age <= MAX_AGE:
+    if not 0 <= years <= MAX_AGE:  # NaN and infinities too
         return UNKNOWN
+    age = int(years)
     for upper, label in AGE_BUCKETS:
         if age < upper:
             return label

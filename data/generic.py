@@ -162,13 +162,18 @@ def _read_delimited(
     values. One longer than the header (its fields cannot be assigned), or
     with bytes that are not UTF-8, is refused, to be quarantined with its
     line; the rest of the file is still read. A header that cannot be read,
-    or quoting the CSV reader cannot follow, stops the file.
+    or quoting the CSV reader cannot follow (a quote left open to the end of
+    the file, text after a closing quote), stops the file at the line of the
+    record it began.
     """
     kind = path.suffix[1:].upper()
     header, rows, lines, refused = None, [], [], []
     not_utf8: dict[int, str] = {}
     with open(path, "rb") as f:
-        reader = csv.reader(_utf8_lines(path, f, kind, not_utf8), delimiter=sep)
+        # strict: a quote left open to the end of the file is an error at the
+        # line that opened it, not the rest of the file read as one field.
+        lines_in = _utf8_lines(path, f, kind, not_utf8)
+        reader = csv.reader(lines_in, delimiter=sep, strict=True)
         line = 1
         try:
             for fields in reader:

@@ -38,9 +38,9 @@ from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.lineage import (  # noqa: E402
     LINEAGE,
     read_json,
-    read_lineage,
     read_quantized,
     rewrite_error,
+    trained_stamp,
     write_lineage,
 )
 from pipeline.prepare import Prepared, prepare  # noqa: E402
@@ -337,7 +337,7 @@ def run_evaluate(config: PipelineConfig) -> dict:
 
     folder = model_dir(config.work_dir)
     # Read first: a stamp that cannot be read stops the step before its work.
-    trained = read_lineage(folder).get("trained")
+    trained = trained_stamp(config.work_dir)
     quantized = read_quantized(folder).get("quantized")
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)

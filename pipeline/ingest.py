@@ -16,7 +16,7 @@ from data.locate import resolve_data
 from data.schema import INTERACTIONS_SCHEMA, QUARANTINE_SCHEMA, LoadedData
 from data.split import split_counts, split_interactions
 from pipeline.config import PipelineConfig
-from pipeline.lineage import LINEAGE, stamp, write_lineage
+from pipeline.lineage import LINEAGE, read_json, stamp, write_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +140,13 @@ def read_ingested(
         raise FileNotFoundError(
             f"{out} has no ingested data: run `emarec ingest --work-dir {work_dir}` first"
         )
-    if not (out / "summary.json").is_file():
+    if not ((out / "summary.json").is_file() and (out / LINEAGE).is_file()):
         raise FileNotFoundError(
             f"{out} holds an ingest that was refused or stopped (its data is "
             "there to inspect, with the quarantine file): fix what its error "
             f"said and run `emarec ingest --work-dir {work_dir}` again"
         )
+    read_json(out / "summary.json", "ingest")  # one cut short names itself
     items = pd.read_parquet(out / "items.parquet")
     meta = json.loads((out / "features.json").read_text())
     for name in meta["item_features"]:

@@ -5,8 +5,8 @@ stamp; quantize records the training's stamp and one of its own; evaluate
 both stamps and its K. Register then refuses a bundle whose parts come from
 different trainings (a retrain after quantize, say) or a training of data
 ingested since, which would otherwise be registered with the gate figures of
-another model. Runs made before the stamps existed carry none and are not
-checked; a run with stamped data and an unstamped model is refused.
+another model. A run without the stamps (a step that did not complete, a
+file deleted by hand) is refused, naming the step to run again.
 
 Quantize and evaluate write their stamp last, once everything else in the
 step (its MLflow logging included) has succeeded, and remove the one they
@@ -154,6 +154,28 @@ def write_lineage(folder: Path, **stamps) -> None:
     write_json(Path(folder) / LINEAGE, stamps)
 
 
+def missing_training(work_dir: Path) -> str:
+    """The refusal of networks no completed train vouches for."""
+    return (
+        f"{work_dir}/model/lineage.json is missing: the train that wrote "
+        f"{work_dir}/model/ did not complete (it failed or was stopped, in its "
+        f"MLflow logging, say): run `emarec train --work-dir {work_dir}`, then "
+        "quantize and evaluate, before register"
+    )
+
+
+def trained_stamp(work_dir: Path) -> str:
+    """The stamp of the training in ``work_dir/model``.
+
+    Raises:
+        ValueError: no completed train wrote one (see :func:`missing_training`).
+    """
+    trained = read_lineage(Path(work_dir) / "model").get("trained")
+    if not trained:
+        raise ValueError(missing_training(work_dir))
+    return trained
+
+
 def check_lineage(
     ingested: dict, trained: dict, quantized: dict, evaluated: dict, work_dir: Path
 ) -> None:
@@ -171,15 +193,14 @@ def check_lineage(
             to date.
     """
     again = f"--work-dir {work_dir}"
+    if not ingested:
+        raise ValueError(
+            f"{work_dir}/ingest/lineage.json is missing: the ingest that wrote "
+            f"{work_dir}/ingest/ did not complete: run `emarec ingest {again}`, "
+            "then train, quantize and evaluate, before register"
+        )
     if not trained:
-        if ingested:  # a stamped run whose train did not complete
-            raise ValueError(
-                f"{work_dir}/model/lineage.json is missing: the train that wrote "
-                f"{work_dir}/model/ did not complete (it failed or was stopped, "
-                f"in its MLflow logging, say): run `emarec train {again}`, then "
-                "quantize and evaluate, before register"
-            )
-        return
+        raise ValueError(missing_training(work_dir))
     if "ingested" in trained and trained["ingested"] != ingested.get("ingested"):
         raise ValueError(
             f"{work_dir}/model/ was trained on other data than {work_dir}/ingest/ "

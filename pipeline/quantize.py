@@ -13,7 +13,7 @@ from models.network import Batch
 from models.quantize import embedding_bytes, quantize_student
 from models.store import load_network, save_network
 from pipeline.config import PipelineConfig
-from pipeline.lineage import QUANTIZE, read_lineage, stamp, write_json
+from pipeline.lineage import QUANTIZE, stamp, trained_stamp, write_json
 from pipeline.prepare import prepare
 from pipeline.tracking import tracked_run
 from pipeline.train import model_dir
@@ -46,7 +46,7 @@ def run_quantize(config: PipelineConfig) -> dict:
     leaves an INT8 student that nothing vouches for, which register refuses.
     """
     folder = model_dir(config.work_dir)
-    trained = read_lineage(folder).get("trained")
+    trained = trained_stamp(config.work_dir)
     space = FeatureSpace.load(folder / "space.json")
     student = load_network(folder, "student", space)
     prepared = prepare(config.work_dir, config.train.max_history, space)

@@ -96,8 +96,10 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
         options: passed to the step (``resume`` for train).
     """
     check_ready(name, config.work_dir)
+    if name == "register":  # a refused register leaves no earlier result
+        (Path(config.work_dir) / "register.json").unlink(missing_ok=True)
     if name != "ingest":  # ingest refuses another tracking URI as other settings
-        check_run(config)
+        check_run(config, required=True)
     saved = Path(config.work_dir) / "config.json"
     fresh = name == "ingest" and not saved.is_file()
     if name == "ingest" and config.data is None:

@@ -42,14 +42,28 @@ def run_id(work_dir: Path) -> str | None:
     return value
 
 
-def check_run(config: PipelineConfig) -> None:
+def check_run(config: PipelineConfig, required: bool = False) -> None:
     """Refuses a tracking URI that lacks the work dir's MLflow run, before
     a step does its work rather than when it logs.
 
+    Args:
+        required: the work dir holds a completed ingest, which logged to
+            its run: ``run.json`` must be there (a later step of the
+            pipeline, not a report's own training).
+
     Raises:
         RuntimeError: naming the run, the URI and the fix.
+        ValueError: ``run.json`` is missing or unreadable.
     """
     existing = run_id(config.work_dir)
+    ingested = Path(config.work_dir) / "ingest" / "lineage.json"
+    if existing is None and required and ingested.is_file():
+        raise ValueError(
+            f"{_run_file(config.work_dir)} is missing, though {ingested} says "
+            "an ingest completed and logged to its MLflow run: restore it "
+            '(`{"run_id": "<the run\'s id in MLflow>"}`), or run `emarec ingest '
+            f"--work-dir {config.work_dir}` again"
+        )
     if existing is None:
         return
     try:

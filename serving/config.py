@@ -22,9 +22,9 @@ _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MIN_ADMIN_TOKEN_CHARS = 16
 # The body limit by default: room for the largest request the other limits
 # allow (max_batch users of max_history items with clicks, ratings and
-# features: about 19 bytes an item written compactly, 45 indented) and a
-# margin for the rest.
-BODY_BYTES_PER_ITEM = 48
+# features: about 19 bytes an item written compactly, 45 indented by two
+# spaces, 56 with ids of 19 digits) and a margin for the rest.
+BODY_BYTES_PER_ITEM = 64
 BODY_BYTES_BASE = 64 * 1024
 
 
@@ -61,8 +61,8 @@ class ServingSettings(BaseSettings):
             disabled while it is unset.
         max_body_bytes: largest request body accepted; larger ones get 413.
             By default, room for the largest request ``max_batch`` and
-            ``max_history`` allow, indented by two spaces: 64 KiB plus 48
-            bytes per item of ``max_batch`` x ``max_history`` (664 KiB with
+            ``max_history`` allow, indented by two spaces: 64 KiB plus 64
+            bytes per item of ``max_batch`` x ``max_history`` (864 KiB with
             theirs).
         torch_threads: torch intra-op threads of the serving process. Each
             request is small and the threadpool already runs requests side by

@@ -567,3 +567,17 @@ def test_a_column_with_two_roles_in_the_mapping_is_refused(
 def test_the_title_may_also_be_an_item_feature() -> None:
     mapping = ColumnMapping(click="clicked", item_features=["name"], title="name")
     assert mapping.title == "name"
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_quote_left_open_stops_the_file_at_its_line(
+    tmp_path: Path, suffix: str, sep: str
+) -> None:
+    rows = [sep.join(["uid", "iid", "when", "stars"])]
+    rows += [sep.join(["1", str(i), str(i), "4"]) for i in range(2, 400)]
+    rows += [sep.join(["1", "400", "400", '"4']), sep.join(["1", "401", "401", "4"])]
+    path = tmp_path / f"log{suffix}"
+    path.write_text("\n".join(rows) + "\n")
+    kind = suffix[1:].upper()
+    with pytest.raises(DataLayoutError, match=f"line 400: cannot be read as {kind}"):
+        load_generic(path, PLAIN_MAPPING)

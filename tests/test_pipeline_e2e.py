@@ -145,7 +145,11 @@ def test_worse_candidate_is_registered_but_not_promoted(pipeline_run, tmp_path):
     se = metrics["student_int8/cold/recall_at_10_se"]
     metrics["student_int8/cold/recall_at_10"] -= config.gate_tolerance_se * se + 0.01
     metrics_path.write_text(json.dumps(metrics))
-    (work_dir / "run.json").unlink()  # a run of its own
+    # A run of its own.
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment).experiment_id
+    own = client.create_run(experiment).info.run_id
+    (work_dir / "run.json").write_text(json.dumps({"run_id": own}))
     # ... and a training of its own: register reuses the version of the same
     # networks and INT8 student rather than registering them again.
     for name in ("model/lineage.json", "model/quantize.json", "eval/lineage.json"):

@@ -506,3 +506,41 @@ def test_a_finished_run_refuses_resume_and_other_settings_are_named(
     assert "drop --resume" in err
     # The same settings resume.
     assert main(["train", "--work-dir", work, "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    "deleted, step, names",
+    [
+        ("ingest/lineage.json", "train", "holds an ingest that was refused"),
+        ("ingest/summary.json", "train", "holds an ingest that was refused"),
+        ("model/lineage.json", "quantize", "model/lineage.json is missing"),
+        ("model/lineage.json", "evaluate", "model/lineage.json is missing"),
+        ("run.json", "quantize", "run.json is missing"),
+    ],
+)
+def test_a_stamp_deleted_by_hand_is_refused_before_the_work(
+    template, tmp_path, deleted, step, names
+):
+    config = copy_of(template, tmp_path)
+    (config.work_dir / deleted).unlink()
+    before = sorted(p for p in config.work_dir.rglob("*") if p.is_file())
+    with pytest.raises((ValueError, FileNotFoundError), match=names):
+        run_step(step, config)
+    assert sorted(p for p in config.work_dir.rglob("*") if p.is_file()) == before
+
+
+def test_an_unreadable_ingest_summary_names_itself(template, tmp_path):
+    config = copy_of(template, tmp_path)
+    (config.work_dir / "ingest" / "summary.json").write_text("garbage{")
+    with pytest.raises(ValueError, match="ingest/summary.json is not valid JSON"):
+        run_step("train", config)
+
+
+def test_a_register_refused_before_its_checks_leaves_no_earlier_result(
+    evaluated, tmp_path
+):
+    config = evaluated
+    run_step("register", config)
+    with pytest.raises(RuntimeError, match="use the tracking URI"):
+        run_step("register", other_store(config, tmp_path))
+    assert not (config.work_dir / "register.json").exists()
