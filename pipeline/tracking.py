@@ -47,22 +47,26 @@ def check_run(config: PipelineConfig, required: bool = False) -> None:
     a step does its work rather than when it logs.
 
     Args:
-        required: the work dir holds a completed ingest, which logged to
-            its run: ``run.json`` must be there (a later step of the
-            pipeline, not a report's own training).
+        required: a later step of the pipeline (not a report's own
+            training): without ``run.json`` beside a completed ingest, which
+            logged to the run, it warns that the step starts a run of its own
+            (as a copy of an ingested folder does on purpose).
 
     Raises:
         RuntimeError: naming the run, the URI and the fix.
-        ValueError: ``run.json`` is missing or unreadable.
+        ValueError: ``run.json`` is unreadable.
     """
     existing = run_id(config.work_dir)
     ingested = Path(config.work_dir) / "ingest" / "lineage.json"
     if existing is None and required and ingested.is_file():
-        raise ValueError(
-            f"{_run_file(config.work_dir)} is missing, though {ingested} says "
-            "an ingest completed and logged to its MLflow run: restore it "
-            '(`{"run_id": "<the run\'s id in MLflow>"}`), or run `emarec ingest '
-            f"--work-dir {config.work_dir}` again"
+        logger.warning(
+            "%s is missing, though %s says an ingest completed and logged to "
+            "its MLflow run: this step starts a new MLflow run at %s. Restore "
+            'the file (`{"run_id": "<the run\'s id in MLflow>"}`) to log to '
+            "the ingest's run",
+            _run_file(config.work_dir),
+            ingested,
+            config.tracking_uri,
         )
     if existing is None:
         return

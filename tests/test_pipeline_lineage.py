@@ -515,7 +515,6 @@ def test_a_finished_run_refuses_resume_and_other_settings_are_named(
         ("ingest/summary.json", "train", "holds an ingest that was refused"),
         ("model/lineage.json", "quantize", "model/lineage.json is missing"),
         ("model/lineage.json", "evaluate", "model/lineage.json is missing"),
-        ("run.json", "quantize", "run.json is missing"),
     ],
 )
 def test_a_stamp_deleted_by_hand_is_refused_before_the_work(
@@ -544,3 +543,16 @@ def test_a_register_refused_before_its_checks_leaves_no_earlier_result(
     with pytest.raises(RuntimeError, match="use the tracking URI"):
         run_step("register", other_store(config, tmp_path))
     assert not (config.work_dir / "register.json").exists()
+
+
+def test_a_step_without_run_json_warns_that_it_starts_a_run_of_its_own(
+    template, tmp_path, caplog
+):
+    config = copy_of(template, tmp_path)
+    (config.work_dir / "run.json").unlink()
+    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        run_step("quantize", config)
+    [warning] = [r.getMessage() for r in caplog.records if "run.json" in r.getMessage()]
+    assert warning.startswith(f"{config.work_dir / 'run.json'} is missing")
+    assert "starts a new MLflow run" in warning
+    assert (config.work_dir / "run.json").is_file()
