@@ -42,8 +42,7 @@ def run_ingest(config: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # What vouches for the data goes before the data does: an ingest refused
     # or stopped from here on leaves files that later steps refuse.
-    (out / "summary.json").unlink(missing_ok=True)
-    (out / LINEAGE).unlink(missing_ok=True)
+    drop_stamps(out)
     write_loaded(loaded, out)
     events = split_interactions(loaded.interactions)
     _check_trainable(source, events)
@@ -124,6 +123,13 @@ def write_loaded(loaded: LoadedData, out: Path) -> None:
 
 def interactions_path(work_dir: Path) -> Path:
     return ingest_dir(work_dir) / "interactions.parquet"
+
+
+def drop_stamps(out: Path) -> None:
+    """Removes what vouches for the data in ``out`` (``summary.json`` and the
+    stamp): later steps refuse it until an ingest completes."""
+    (out / "summary.json").unlink(missing_ok=True)
+    (out / LINEAGE).unlink(missing_ok=True)
 
 
 def read_ingested(

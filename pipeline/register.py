@@ -294,9 +294,6 @@ def run_register(config: PipelineConfig) -> dict:
     Returns:
         ``version``, ``promoted``, ``reused`` and the gate figures compared.
     """
-    # The result of an earlier register must not pass for this one's when
-    # this one is refused or fails.
-    (Path(config.work_dir) / "register.json").unlink(missing_ok=True)
     k = evaluated_k(config)
     bundle = export_bundle(config, k)
     gate = json.loads((bundle / "bundle.json").read_text())["gate"]

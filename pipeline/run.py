@@ -12,8 +12,7 @@ import mlflow
 from data.locate import resolve_data
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import run_evaluate
-from pipeline.ingest import ingest_dir, run_ingest
-from pipeline.lineage import LINEAGE
+from pipeline.ingest import drop_stamps, ingest_dir, run_ingest
 from pipeline.quantize import run_quantize
 from pipeline.register import run_register
 from pipeline.tracking import check_run, flatten, tracked_run
@@ -99,7 +98,7 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
     if name == "register":  # a refused register leaves no earlier result
         (Path(config.work_dir) / "register.json").unlink(missing_ok=True)
     if name != "ingest":  # ingest refuses another tracking URI as other settings
-        check_run(config, required=True)
+        check_run(config, warn_missing=True)
     saved = Path(config.work_dir) / "config.json"
     fresh = name == "ingest" and not saved.is_file()
     if name == "ingest" and config.data is None:
@@ -137,9 +136,7 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
         except Exception:
             # An ingest whose run was not logged is not done: later steps
             # refuse its data until one completes.
-            out = ingest_dir(config.work_dir)
-            (out / "summary.json").unlink(missing_ok=True)
-            (out / LINEAGE).unlink(missing_ok=True)
+            drop_stamps(ingest_dir(config.work_dir))
             raise
     return result
 

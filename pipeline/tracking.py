@@ -42,12 +42,12 @@ def run_id(work_dir: Path) -> str | None:
     return value
 
 
-def check_run(config: PipelineConfig, required: bool = False) -> None:
+def check_run(config: PipelineConfig, warn_missing: bool = False) -> None:
     """Refuses a tracking URI that lacks the work dir's MLflow run, before
     a step does its work rather than when it logs.
 
     Args:
-        required: a later step of the pipeline (not a report's own
+        warn_missing: a later step of the pipeline (not a report's own
             training): without ``run.json`` beside a completed ingest, which
             logged to the run, it warns that the step starts a run of its own
             (as a copy of an ingested folder does on purpose).
@@ -58,7 +58,7 @@ def check_run(config: PipelineConfig, required: bool = False) -> None:
     """
     existing = run_id(config.work_dir)
     ingested = Path(config.work_dir) / "ingest" / "lineage.json"
-    if existing is None and required and ingested.is_file():
+    if existing is None and warn_missing and ingested.is_file():
         logger.warning(
             "%s is missing, though %s says an ingest completed and logged to "
             "its MLflow run: this step starts a new MLflow run at %s. Restore "
