@@ -10,6 +10,7 @@ Nothing becomes "unknown" unseen: ingest counts and logs the values that will
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,18 @@ AGE_BUCKETS = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "4
 MAX_AGE = 120
 
 
+# A decimal number in ASCII digits: Python's float() also reads "3_1" as 31
+# and other scripts' digits, which are no age a form sends.
+DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
 def age_bucket(value: str) -> str:
-    """MovieLens' age groups; a value that is not a number, or not an age in
-    years (below 0 or above ``MAX_AGE``), is unknown."""
-    try:
-        years = float(value)
-    except ValueError:
+    """MovieLens' age groups; a value that is not a decimal number, or not
+    an age in years (below 0 or above ``MAX_AGE``), is unknown."""
+    text = str(value).strip()
+    if not DECIMAL.fullmatch(text):
         return UNKNOWN
+    years = float(text)
     if not 0 <= years <= MAX_AGE:  # NaN and infinities too
         return UNKNOWN
     age = int(years)

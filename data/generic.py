@@ -161,7 +161,8 @@ def _read_delimited(
     not records; a record shorter than the header is padded with missing
     values. One longer than the header (its fields cannot be assigned), or
     with bytes that are not UTF-8, is refused, to be quarantined with its
-    line; the rest of the file is still read. A header that cannot be read,
+    line, as is one with a NUL byte (binary data, which the CSV reader
+    would keep); the rest of the file is still read. A header that cannot be read,
     or quoting the CSV reader cannot follow (a quote left open to the end of
     the file, text after a closing quote), stops the file at the line of the
     record it began.
@@ -187,6 +188,8 @@ def _read_delimited(
                     header = _header(path, start, fields)
                     continue
                 text = sep.join(fields)
+                if not bad and "\x00" in text:
+                    bad = ["a NUL byte (binary data, not text)"]
                 if bad or len(fields) > len(header):
                     counts = f"{len(fields)} fields where the header has {len(header)}"
                     reason = f"cannot be read as {kind}: {bad[0] if bad else counts}"

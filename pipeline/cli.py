@@ -111,6 +111,18 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         raw = PipelineConfig.from_file(args.config).model_dump(exclude_unset=True)
         base = str(args.config)
     flags = _flag_values(args)
+    # A run started again from its saved settings still finds its data as a
+    # first one would: EMAREC_DATA set elsewhere is then other data, refused
+    # by name, not ignored for the saved path.
+    env_data = os.environ.get("EMAREC_DATA")
+    data_from_env = (
+        args.command in ("ingest", "run")
+        and base == str(saved)
+        and "data" not in flags
+        and bool(env_data)
+    )
+    if data_from_env:
+        raw["data"] = env_data
     raw.setdefault("train", {})
     for name, value in flags.items():
         *parents, key = name.split(".")
@@ -119,6 +131,8 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
     def origin(name: str) -> str:
         if name in flags:
             return FLAGS[name]
+        if name == "data" and data_from_env:
+            return "EMAREC_DATA"
         *parents, key = name.split(".")
         section = given.get(parents[0]) if parents else given
         named = isinstance(section, dict) and key in section

@@ -6,7 +6,10 @@ NDCG@K over all items the user has not seen in train (warm) or onboarding
 (cold), relevant = the user's test clicks. Recall@K is normalised by
 ``min(K, relevant)`` so that a perfect top-K scores 1 for users with many
 relevant items. Popularity ranks items by train-and-onboarding clicks; its
-probability for log loss is the item's smoothed click rate.
+probability for log loss is the item's smoothed click rate. Beside the models,
+``test_click_popularity`` gives the Recall@K and NDCG@K of the best ranking
+shared by all users, fitted on the test clicks: how far any popularity could
+get, and so how much a model's personal part adds above it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ USERS_PER_CHUNK = 64
 # Each ranked test user's Recall@K per model, beside metrics.json: what a
 # paired comparison of two models over the same users reads.
 USER_RECALL = "user_recall.csv"
+# Ranking figures of :func:`shared_ranking_bound`: a bound, not a model.
+SHARED_BOUND = "test_click_popularity"
 
 
 class FeedbackView:
@@ -119,6 +124,26 @@ class Popularity:
 
     def rank_scores(self, users: list[RankingUser]) -> np.ndarray:
         return np.tile(self.clicks, (len(users), 1)).astype(np.float64)
+
+
+def shared_ranking_bound(users: list[RankingUser], num_items: int, k: int) -> np.ndarray:
+    """``[U, num_items]``: one ranking for every user, of the items by their
+    test clicks themselves, each user's weighing ``1 / min(k, relevant)``, the
+    share of that user's Recall@K each is worth.
+
+    Not a model: it reads the answers. No ranking shared by all users (a
+    popularity of any kind, over any window) scores much above it, since each
+    of its top items is worth the most Recall@K summed over users; only the
+    few items a user has seen, which that user skips, stand between it and the
+    exact best. A personal model's figure above it is what the personal part
+    adds.
+    """
+    worth = np.zeros(num_items)
+    for user in users:
+        weight = 1.0 / min(k, len(user.relevant))
+        for item in user.relevant:
+            worth[item] += weight
+    return np.tile(worth, (len(users), 1))
 
 
 @torch.no_grad()
@@ -241,6 +266,11 @@ def evaluate_models(
                 **ranking_metrics(user_recall, user_ndcg, k),
             }
             metrics.update({f"{name}/{cohort}/{m}": v for m, v in values.items()})
+    for cohort in COHORTS:
+        cohort_users = [u for u in users if u.cohort == cohort]
+        bound = shared_ranking_bound(cohort_users, prepared.space.num_items, k)
+        values = ranking_metrics(*user_ranking(bound, cohort_users, k), k)
+        metrics.update({f"{SHARED_BOUND}/{cohort}/{m}": v for m, v in values.items()})
     return metrics, recalls
 
 

@@ -775,7 +775,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Resumes from a checkpoint of :meth:`save_checkpoint`: same world size."""
-        meta = json.loads((Path(path) / "meta.json").read_text())
+        meta = checkpoint_meta(path)
         if meta["world_size"] != self.placement.world_size:
             raise ValueError(
                 f"{path} was written by {meta['world_size']} processes; resume it "
@@ -785,11 +785,18 @@ class Trainer:
         state = self._checkpoint_state()
         try:
             dcp.load(state, checkpoint_id=path)
-        except Exception as error:  # torch wraps each rank's error in its own
+        except (Exception, dcp.CheckpointException) as error:
+            # torch gathers each rank's error in a CheckpointException, which
+            # is no Exception and whose text is every rank's whole traceback.
+            failures = getattr(error, "failures", None) or {0: (error,)}
+            cause = next(iter(failures.values()))[0]
+            reason = ": ".join(filter(None, (type(cause).__name__, str(cause))))
             raise ValueError(
-                f"{path} does not load into this run's networks ({error}); "
-                "resume with the settings it was written with, or drop --resume "
-                "to train from the start"
+                f"{path} does not load into this run's networks ({reason}): it "
+                "was written with other settings, or a file in it is damaged. "
+                "Resume with the settings it was written with, remove the folder "
+                "to resume from the checkpoint before it, or drop --resume to "
+                "train from the start"
             ) from None
         load_optimizer = self.placement.load_optimizer_state
         self.teacher.load_state_dict(state["teacher"])
@@ -813,6 +820,35 @@ class Trainer:
         }
         self.step, self.student_steps = meta["step"], meta["student_steps"]
         logger.info("resumed from %s at step %d", path, self.step)
+
+
+# What a resume reads from a checkpoint's meta.json.
+CHECKPOINT_META = ("step", "student_steps", "world_size", "ema", "guard_best", "curves")
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """The ``meta.json`` of checkpoint ``path``.
+
+    Raises:
+        ValueError: it is not a JSON object with every key a resume reads,
+            naming the file and the fix (a file cut short or edited by hand
+            would otherwise surface as a bare decode or key error).
+    """
+    file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as error:  # JSONDecodeError, or bytes that are not text
+        problem = f"is not valid JSON ({error})"
+    else:
+        missing = [k for k in CHECKPOINT_META if not isinstance(meta, dict) or k not in meta]
+        if not missing:
+            return meta
+        problem = f"lacks {', '.join(missing)}"
+    raise ValueError(
+        f"{file} {problem}, so checkpoint {Path(path).name} cannot be resumed: "
+        f"remove the folder {path} to resume from the checkpoint before it, or "
+        "drop --resume to train from the start"
+    )
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -985,7 +1021,7 @@ def check_resumable(checkpoints: Path, every: int) -> None:
             f"--resume: {checkpoints} holds no complete checkpoint to resume from, "
             f"{why}. Drop --resume to train this run from the start"
         )
-    if json.loads((done[-1] / "meta.json").read_text()).get("finished"):
+    if checkpoint_meta(done[-1]).get("finished"):
         raise ValueError(
             f"{done[-1]} is the end of a finished run: nothing to resume. Train "
             "longer in a new --work-dir, or drop --resume to start this one over"

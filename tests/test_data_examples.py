@@ -388,6 +388,12 @@ def test_ranking_users_seen_and_relevant_sets(world) -> None:
         ("", UNKNOWN),
         ("nan", UNKNOWN),
         ("inf", UNKNOWN),
+        (" 30 ", "25-34"),
+        ("1e1", "<18"),
+        ("3_1", UNKNOWN),
+        ("\u0663\u0661", UNKNOWN),  # 31 in Arabic-Indic digits
+        ("-0.5", UNKNOWN),
+        ("121", UNKNOWN),
     ],
 )
 def test_age_bucket(age: str, bucket: str) -> None:

@@ -508,6 +508,16 @@ def test_csv_byte_that_is_not_utf8_is_quarantined_on_its_line(tmp_path: Path) ->
     assert 9999 in loaded.interactions.item_id.tolist()
 
 
+def test_csv_line_with_a_nul_byte_is_quarantined_on_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"uid,iid,when,stars\n1,2,100,4\n1,3,200,4\x00\x00\n1,4,300,5\n")
+    loaded = load_generic(path, PLAIN_MAPPING)
+    assert loaded.interactions.item_id.tolist() == [2, 4]
+    [row] = loaded.quarantine.itertuples()
+    assert row.line == 3
+    assert row.reason == "cannot be read as CSV: a NUL byte (binary data, not text)"
+
+
 def test_a_header_that_is_not_utf8_stops_the_file(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_bytes(b"uid,i\xffid,when,stars\n1,2,3,4\n")

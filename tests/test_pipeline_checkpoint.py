@@ -77,6 +77,25 @@ def test_checkpoint_of_another_world_size_is_refused(prepared, tmp_path):
         Trainer(prepared, config).load_checkpoint(path)
 
 
+def test_a_damaged_checkpoint_is_named_with_the_fix(prepared, tmp_path):
+    config = TrainConfig(max_steps=20, epochs=1, student_epochs=0, checkpoint_every=20)
+    Trainer(prepared, config).run(tmp_path)
+    path = complete_checkpoints(tmp_path)[-1]
+    meta = path / "meta.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"{meta} is not valid JSON.*drop --resume"):
+        Trainer(prepared, config).load_checkpoint(path)
+    meta.write_text('{"step": 20}')
+    with pytest.raises(ValueError, match="lacks student_steps, world_size"):
+        Trainer(prepared, config).load_checkpoint(path)
+    meta.write_text(text)
+    for data in path.glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{path} does not load"):
+        Trainer(prepared, config).load_checkpoint(path)
+
+
 def test_ranking_rows_are_each_shards_own_draw(prepared):
     """A rank holding some data shards picks, for the ranking term, the same
     rows of them as one process holding them all, against the same items."""

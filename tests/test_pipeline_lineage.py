@@ -462,6 +462,26 @@ def test_an_ingest_without_data_saves_the_data_it_found(tmp_path, monkeypatch):
     run_step("ingest", config)
 
 
+def test_an_ingest_again_from_the_saved_settings_finds_its_data_anew(
+    tmp_path, monkeypatch, capsys
+):
+    config = small_config(tmp_path)
+    run_step("ingest", config)
+    work = ["ingest", "--work-dir", str(config.work_dir)]
+    assert main(work) == 0  # the saved settings, and no EMAREC_DATA: the same run
+    other = tmp_path / "other.csv"
+    shutil.copy(config.data, other)
+    monkeypatch.setenv("EMAREC_DATA", str(other))
+    capsys.readouterr()
+    # Before, the saved data was ingested again and EMAREC_DATA ignored.
+    assert main(work) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run with other settings (data: " in err
+    assert str(other) in err
+    monkeypatch.setenv("EMAREC_DATA", str(config.data))
+    assert main(work) == 0
+
+
 @pytest.mark.parametrize("text", ["{oops", "[]", '{"run_id": 7}', '{"run": "x"}'])
 def test_an_unreadable_run_json_names_itself(template, tmp_path, capsys, text):
     config = copy_of(template, tmp_path)

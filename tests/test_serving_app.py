@@ -277,7 +277,7 @@ def test_feature_value_that_cannot_be_read_is_422(client):
     assert error["msg"].startswith("age 'old' is not an age in years")
 
 
-@pytest.mark.parametrize("age", ["-5", "500", -5, True])
+@pytest.mark.parametrize("age", ["-5", "500", -5, True, "3_1", "\u0663\u0661"])
 def test_an_age_that_is_no_age_in_years_is_422(client, age):
     user = {"features": {"age": age}, "item_ids": [1]}
     response = client.post("/v1/embeddings", json={"users": [user]})
