@@ -70,14 +70,30 @@ def check_run(config: PipelineConfig, warn_missing: bool = False) -> None:
         )
     if existing is None:
         return
+    refused = RuntimeError(
+        f"{config.work_dir} belongs to MLflow run {existing}, which "
+        f"{config.tracking_uri} does not have: use the tracking URI of its "
+        "first step, or a new --work-dir"
+    )
+    local = local_store(config.tracking_uri)
+    if local is not None and not local.exists():
+        raise refused  # asking MLflow would create an empty store there
     try:
         mlflow.MlflowClient(config.tracking_uri).get_run(existing)
     except mlflow.exceptions.MlflowException:
-        raise RuntimeError(
-            f"{config.work_dir} belongs to MLflow run {existing}, which "
-            f"{config.tracking_uri} does not have: use the tracking URI of its "
-            "first step, or a new --work-dir"
-        ) from None
+        raise refused from None
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (``sqlite:///``,
+    ``file:`` or a plain path), or None for a server or another kind."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if "://" not in uri and ":" not in uri.split("/")[0] and uri != "databricks":
+        return Path(uri)
+    return None
 
 
 @contextmanager

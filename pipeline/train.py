@@ -963,8 +963,6 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
     with (
         tracked_run(config) if placement.is_writer else contextlib.nullcontext() as run
     ):
-        if placement.is_writer:
-            _log_train_params(run, config)
         trainer = Trainer(
             prepared,
             config.train,
@@ -976,6 +974,9 @@ def _train(config, variants, adaptive_ema, resume, placement) -> dict:
         if resume:
             check_resumable(checkpoints, config.train.checkpoint_every)
             trainer.load_checkpoint(complete_checkpoints(checkpoints)[-1])
+        # Once the run can start: a refused resume leaves the run's record alone.
+        if placement.is_writer:
+            _log_train_params(run, config)
         summary = trainer.run(checkpoints)
         if placement.is_writer:
             # The old stamp must not vouch for the networks about to replace

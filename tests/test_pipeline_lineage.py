@@ -125,6 +125,8 @@ def test_a_later_step_with_another_tracking_store_is_refused_before_its_work(
         if path.is_file()
     }
     assert after == before  # nothing written, nothing removed
+    # Nor an empty store where the other URI points.
+    assert not (tmp_path / "other.db").exists()
     assert run_step("register", config)["promoted"]
 
 
@@ -524,6 +526,10 @@ def test_a_finished_run_refuses_resume_and_other_settings_are_named(
     assert err.startswith(f"emarec: {checkpoints[-2]} was written by networks of")
     assert "teacher.embedding_dim: 32 -> 16" in err
     assert "drop --resume" in err
+    # The refused settings are not recorded as the run's latest.
+    run_id = json.loads((config.work_dir / "run.json").read_text())["run_id"]
+    tags = MlflowClient(config.tracking_uri).get_run(run_id).data.tags
+    assert not [tag for tag in tags if tag.startswith("latest.")], tags
     # The same settings resume.
     assert main(["train", "--work-dir", work, "--resume"]) == 0
 
