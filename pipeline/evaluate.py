@@ -126,7 +126,9 @@ class Popularity:
         return np.tile(self.clicks, (len(users), 1)).astype(np.float64)
 
 
-def shared_ranking_bound(users: list[RankingUser], num_items: int, k: int) -> np.ndarray:
+def shared_ranking_bound(
+    users: list[RankingUser], num_items: int, k: int
+) -> np.ndarray:
     """``[U, num_items]``: one ranking for every user, of the items by their
     test clicks themselves, each user's weighing ``1 / min(k, relevant)``, the
     share of that user's Recall@K each is worth.

@@ -840,7 +840,8 @@ def checkpoint_meta(path: Path) -> dict:
     except ValueError as error:  # JSONDecodeError, or bytes that are not text
         problem = f"is not valid JSON ({error})"
     else:
-        missing = [k for k in CHECKPOINT_META if not isinstance(meta, dict) or k not in meta]
+        keys = meta if isinstance(meta, dict) else {}
+        missing = [k for k in CHECKPOINT_META if k not in keys]
         if not missing:
             return meta
         problem = f"lacks {', '.join(missing)}"

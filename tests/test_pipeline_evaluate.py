@@ -58,10 +58,12 @@ def test_no_shared_ranking_beats_the_test_click_bound():
     for order in permutations(range(1, items), k):
         scores = np.zeros(items)
         scores[list(order)] = [2.0, 1.0]
-        best = max(best, user_ranking(np.tile(scores, (len(users), 1)), users, k)[0].mean())
+        shared = np.tile(scores, (len(users), 1))
+        best = max(best, user_ranking(shared, users, k)[0].mean())
     assert bound == pytest.approx(best)
     # An item is worth its share of each user's Recall@K: relevant to one
     # user with one test click, it outranks one relevant to two users with five.
-    pair = [user(set(), {1}), user(set(), {2, 3, 4, 5, 6}), user(set(), {2, 3, 4, 5, 6})]
+    five = {2, 3, 4, 5, 6}
+    pair = [user(set(), {1}), user(set(), five), user(set(), five)]
     worth = shared_ranking_bound(pair, items, k=5)[0]
     assert worth[1] == pytest.approx(1.0) and worth[2] == pytest.approx(0.4)
