@@ -327,6 +327,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emarec: invalid configuration:\n{error}", file=sys.stderr)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"emarec: {error}", file=sys.stderr)
+    except Exception as error:
+        from mlflow.exceptions import MlflowException  # imported by the steps
+
+        if not isinstance(error, MlflowException):
+            raise
+        # A tracking server down or refusing: one line, not five tracebacks.
+        first = (str(error.message).strip().splitlines() or ["no message"])[0][:500]
+        print(
+            f"emarec: MLflow failed: {first}. Check the tracking URI "
+            "(--tracking-uri, or MLFLOW_TRACKING_URI) and that its server is up, "
+            "then run the command again",
+            file=sys.stderr,
+        )
     return 2
 
 

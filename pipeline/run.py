@@ -101,6 +101,10 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
         check_run(config, warn_missing=True)
     saved = Path(config.work_dir) / "config.json"
     fresh = name == "ingest" and not saved.is_file()
+    if name != "ingest" and config.data is None and saved.is_file():
+        # The data the run's ingest found (it saves what it found): a later
+        # step that was not told it reads it from there, not as other data.
+        config = config.model_copy(update={"data": PipelineConfig.load(saved).data})
     if name == "ingest" and config.data is None:
         # Saved as found (EMAREC_DATA, the shared copy, the download): a
         # retry that would find other data is refused, not run on it.
@@ -135,8 +139,12 @@ def run_step(name: str, config: PipelineConfig, **options) -> dict:
                 mlflow.log_metrics({f"ingest/{k}": float(v) for k, v in counts.items()})
         except Exception:
             # An ingest whose run was not logged is not done: later steps
-            # refuse its data until one completes.
+            # refuse its data until one completes. A first one leaves no
+            # settings either, so that it may be retried with others (another
+            # tracking URI, say).
             drop_stamps(ingest_dir(config.work_dir))
+            if fresh:
+                saved.unlink(missing_ok=True)
             raise
     return result
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.run import run_step
+from tests.servers import free_port
 from tests.test_pipeline_e2e import small_log_config
 
 
@@ -462,6 +463,37 @@ def test_an_ingest_without_data_saves_the_data_it_found(tmp_path, monkeypatch):
     # ... and naming the data it found is the same run again.
     monkeypatch.delenv("EMAREC_DATA")
     run_step("ingest", config)
+
+
+def test_steps_not_told_the_data_read_the_one_ingest_found(tmp_path, monkeypatch):
+    # As `emarec run` without --data, and the weekly DAG without its param, do.
+    config = small_config(tmp_path)
+    monkeypatch.setenv("EMAREC_DATA", str(config.data))
+    found = config.model_copy(update={"data": None})
+    run_step("ingest", found)
+    run_step("train", found)
+    saved = PipelineConfig.load(config.work_dir / "config.json")
+    assert saved.data == Path(config.data).resolve()
+    # Before, train saved `data: null` and the same run again was refused.
+    run_step("ingest", found)
+
+
+def test_a_first_ingest_whose_tracking_server_is_down_can_be_retried(
+    tmp_path, monkeypatch, capsys
+):
+    config = small_config(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["ingest", "--work-dir", str(config.work_dir), "--data", str(config.data)]
+    args += ["--mapping", str(config.mapping)]
+    capsys.readouterr()
+    assert main([*args, "--tracking-uri", down]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emarec: MLflow failed: API request to {down}")
+    assert "Traceback" not in err and "server is up" in err
+    assert not (config.work_dir / "config.json").exists()
+    # The fixed URI is a first ingest again, not a run of other settings.
+    assert main([*args, "--tracking-uri", config.tracking_uri]) == 0
 
 
 def test_an_ingest_again_from_the_saved_settings_finds_its_data_anew(
