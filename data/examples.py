@@ -48,7 +48,10 @@ def feedback_codes(click, rating=None) -> np.ndarray:
     if rating is None:
         return codes
     rating = np.asarray(rating, dtype=np.float64)
-    rating_codes = FEEDBACK_RATING_BASE + np.nan_to_num(rating).round()
+    # A half star reads as the whole star below it, the side of the click
+    # threshold its label is on (3.5: no click, like a 3); rounding would
+    # make a 3.5 read as a 4, a click its label is not.
+    rating_codes = FEEDBACK_RATING_BASE + np.floor(np.nan_to_num(rating))
     return np.where(np.isfinite(rating), rating_codes, codes).astype(np.int64)
 
 

@@ -1,7 +1,8 @@
 """Loader for a team's own interaction log (Parquet or CSV).
 
-A small mapping names the columns. Ids must be integers; timestamps are integer
-epoch seconds or ISO-8601 datetimes; the label is a rating (click when it is at
+A small mapping names the columns. Ids must be integers; timestamps are epoch
+seconds (or milliseconds and finer, read by their size) or ISO-8601
+datetimes; the label is a rating (click when it is at
 least 4) or a 0/1 click. Side-feature columns are taken as categorical strings,
 each user's and item's latest known value winning; an empty cell is a missing
 value (read as "unknown"), not a category, and does not erase an earlier value.
@@ -330,6 +331,8 @@ def _parse_row(row: dict, mapping: ColumnMapping) -> tuple | str:
             f"{mapping.timestamp} {row[mapping.timestamp]!r} is neither epoch "
             "seconds nor an ISO-8601 datetime"
         )
+    if isinstance(timestamp, str):
+        return f"{mapping.timestamp} {row[mapping.timestamp]!r} {timestamp}"
     if mapping.rating:
         rating = _as_float(row[mapping.rating])
         if rating is None or not 1 <= rating <= 5:
@@ -366,10 +369,26 @@ def _as_float(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _as_timestamp(value) -> int | None:
-    number = _as_int(value)
+# Epoch numbers from here up are no time in seconds (1e11 s is past the year
+# 5000) but in finer units, read as such: 1e11 ms is 1973, as is 1e14 us
+# and 1e17 ns.
+EPOCH_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))
+
+
+def _as_timestamp(value) -> int | str | None:
+    """Epoch seconds; a row's reason to be refused (str); or None for a
+    value that is neither a number nor a written-out date."""
+    number = _as_float(value) if not isinstance(value, pd.Timestamp) else None
     if number is not None:
-        return number
+        if number > INT64_MAX:  # beyond even nanoseconds as int64
+            return None
+        if number < 0:
+            return "is before 1970: not the time of a logged event"
+        for floor, per_second in EPOCH_UNITS:
+            if number >= floor:
+                number /= per_second
+                break
+        return math.floor(number)
     if isinstance(value, pd.Timestamp):
         return int(value.timestamp())
     text = str(value).strip()

@@ -370,7 +370,15 @@ def run_evaluate(config: PipelineConfig) -> dict:
     folder = model_dir(config.work_dir)
     # Read first: a stamp that cannot be read stops the step before its work.
     trained = trained_stamp(config.work_dir)
-    quantized = read_quantized(folder).get("quantized")
+    quantize = read_quantized(folder)
+    quantized = quantize.get("quantized")
+    if quantize and quantize.get("trained") != trained:
+        # Its figures would be logged as the INT8 student of this training.
+        raise ValueError(
+            f"{folder / 'student_int8.pt'} was quantized from another training "
+            "than the networks now in model/ (train ran after quantize): run "
+            f"`emarec quantize --work-dir {config.work_dir}`, then evaluate"
+        )
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}

@@ -147,10 +147,15 @@ def read_ingested(
             f"{out} has no ingested data: run `emarec ingest --work-dir {work_dir}` first"
         )
     if not ((out / "summary.json").is_file() and (out / LINEAGE).is_file()):
+        again = f"run `emarec ingest --work-dir {work_dir}` again"
+        if not (Path(work_dir) / "config.json").is_file():
+            # A refused first ingest saves no settings: without its --data,
+            # the retry would find the default data instead.
+            again += " with the --data (and --mapping) it was given"
         raise FileNotFoundError(
             f"{out} holds an ingest that was refused or stopped (its data is "
             "there to inspect, with the quarantine file): fix what its error "
-            f"said and run `emarec ingest --work-dir {work_dir}` again"
+            f"said and {again}"
         )
     read_json(out / "summary.json", "ingest")  # one cut short names itself
     items = pd.read_parquet(out / "items.parquet")

@@ -87,7 +87,8 @@ class ServingSnapshot:
 
 
 def _ctr(clicks: int, impressions: int) -> float:
-    return clicks / impressions if impressions else 0.0
+    """Clicks per impression; NaN without impressions (no CTR yet, not 0)."""
+    return clicks / impressions if impressions else float("nan")
 
 
 def snapshot_metrics(snapshot: ServingSnapshot) -> dict[str, float]:
@@ -104,12 +105,14 @@ def snapshot_metrics(snapshot: ServingSnapshot) -> dict[str, float]:
         impressions, clicks = snapshot.impressions[cohort], snapshot.clicks[cohort]
         metrics[f"serving/{cohort}/impressions"] = impressions
         metrics[f"serving/{cohort}/clicks"] = clicks
-        metrics[f"serving/{cohort}/ctr"] = _ctr(clicks, impressions)
+        if impressions:  # a cohort no feedback has reached has no CTR yet
+            metrics[f"serving/{cohort}/ctr"] = _ctr(clicks, impressions)
     impressions = sum(snapshot.impressions.values())
     clicks = sum(snapshot.clicks.values())
     metrics["serving/impressions"] = impressions
     metrics["serving/clicks"] = clicks
-    metrics["serving/ctr"] = _ctr(clicks, impressions)
+    if impressions:
+        metrics["serving/ctr"] = _ctr(clicks, impressions)
     for endpoint in ENDPOINTS:
         metrics[f"serving/{endpoint}/requests"] = snapshot.requests[endpoint]
         for pct, value in snapshot.latency_ms.get(endpoint, {}).items():

@@ -15,6 +15,7 @@ from data.examples import (
     FEEDBACK_UNKNOWN,
     build_examples,
     clicks_only,
+    feedback_codes,
     history_windows,
     ranking_users,
     sample_negatives,
@@ -541,3 +542,14 @@ def test_negatives_follow_the_given_probabilities(world) -> None:
     assert 0.88 < share < 0.92, share
     mine = np.mean(negatives.item_idx[~others] == 1)
     assert 0.78 < mine < 0.84, f"{mine}: one redraw of 0.9 leaves 0.81"
+
+
+def test_a_half_star_reads_on_the_side_of_the_click_its_label_is_on():
+    # Labels: a click is a rating of 4 and up, so 3.5 is no click, 4.5 is.
+    ratings = np.array([3.5, 4.5, 1.5, 5.0, np.nan])
+    clicks = (np.nan_to_num(ratings) >= 4).astype(int)
+    codes = feedback_codes(clicks, ratings)
+    assert codes[:4].tolist() == [FEEDBACK_RATING_BASE + r for r in (3, 4, 1, 5)]
+    assert codes[4] == FEEDBACK_NO_CLICK  # no rating: its click code
+    implied = clicks_only(codes)
+    assert (implied == np.where(clicks > 0, FEEDBACK_CLICK, FEEDBACK_NO_CLICK)).all()

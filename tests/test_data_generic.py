@@ -220,6 +220,7 @@ def test_click_log_has_nan_ratings(tmp_path: Path) -> None:
         ("when", "now", "when 'now' is neither"),
         ("when", "today", "when 'today' is neither"),
         ("when", "99999999999999999999", "when '99999999999999999999' is neither"),
+        ("when", "-5", "when '-5' is before 1970"),
         ("uid", "99999999999999999999", "is not a non-negative integer"),
         ("stars", "6", "stars '6' is not a number from 1 to 5"),
         ("stars", "0", "stars '0' is not a number from 1 to 5"),
@@ -262,6 +263,27 @@ def test_duplicate_row_is_quarantined(tmp_path: Path) -> None:
     assert "duplicate" in loaded.quarantine.reason.iloc[0]
     assert loaded.interactions.click.tolist() == [1, 0, 1], "the first one is kept"
     assert loaded.rows_in == loaded.rows_kept + loaded.rows_quarantined == 4
+
+
+def test_epoch_timestamps_in_finer_units_read_as_seconds(tmp_path: Path) -> None:
+    seconds = 1_600_000_000
+    spellings = [
+        str(seconds),
+        f"{seconds}.7",  # a fraction is dropped
+        str(seconds * 1000 + 250),  # milliseconds
+        str(seconds * 10**6),  # microseconds
+        str(seconds * 10**9),  # nanoseconds
+        "1.6e9",
+    ]
+    columns = {
+        "uid": ["1"] * len(spellings),
+        "iid": [str(i) for i in range(1, len(spellings) + 1)],
+        "when": spellings,
+        "stars": ["4"] * len(spellings),
+    }
+    loaded = load_generic(write_csv(tmp_path / "log.csv", columns), PLAIN_MAPPING)
+    assert loaded.rows_quarantined == 0
+    assert loaded.interactions.timestamp.tolist() == [seconds] * len(spellings)
 
 
 def test_duplicate_is_found_across_id_and_timestamp_spellings(tmp_path: Path) -> None:

@@ -320,6 +320,11 @@ def test_register_refuses_parts_of_two_trainings_until_the_steps_rerun(small_run
     run_step("train", config)  # a retrain, then register straight away
     with pytest.raises(ValueError, match="student_int8.pt was quantized from"):
         run_step("register", config)
+    # Nor does evaluate score the old INT8 student as this training's.
+    metrics = (config.work_dir / "eval" / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="quantized from another.*emarec quantize"):
+        run_step("evaluate", config)
+    assert (config.work_dir / "eval" / "metrics.json").read_bytes() == metrics
     run_step("quantize", config)
     with pytest.raises(ValueError, match="eval/metrics.json measured other networks"):
         run_step("register", config)
@@ -442,5 +447,8 @@ def test_a_refused_ingest_leaves_no_run_to_train_on(tmp_path):
     with pytest.raises(ValueError, match="too little to train and evaluate"):
         run_step("ingest", config)
     assert not (config.work_dir / "config.json").exists(), "other settings may follow"
-    with pytest.raises(FileNotFoundError, match="holds an ingest that was refused"):
+    # Nor the settings it was given: the retry must name its data again.
+    again = "again with the --data \\(and --mapping\\) it was given"
+    refused = f"holds an ingest that was refused.*{again}"
+    with pytest.raises(FileNotFoundError, match=refused):
         run_step("train", config)
