@@ -8,6 +8,7 @@ same quantization, then its INT8 tensors are loaded into it.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,11 +46,21 @@ def load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - torch raises many kinds here
         raise ValueError(
             f"{folder / name}.pt with {name}.json cannot be loaded "
-            f"({type(error).__name__}: {str(error)[:300]}): the files were cut "
+            f"({_reason(error)}): the files were cut "
             "short, edited or mixed up; write them again with the step that "
             "made them (train, or quantize for student_int8), or export the "
             "bundle again"
         ) from None
+
+
+def _reason(error: Exception) -> str:
+    """What went wrong, in a line. torch's own advice for a file that is not
+    plain weights, to load it with ``weights_only=False``, would run whatever
+    code it pickled: it is left out."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "not plain weights: pickled objects, or not a torch file at all"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:300]}"
 
 
 def _load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:

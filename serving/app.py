@@ -61,6 +61,7 @@ from serving.watcher import ModelWatcher, ServedModel
 __all__ = [
     "LoadedModel",
     "ModelSource",
+    "NoModelToServe",
     "PredictorLoader",
     "ReporterFactory",
     "ServingState",
@@ -71,6 +72,10 @@ logger = logging.getLogger(__name__)
 
 # A 422 error: location under the body, message, offending input.
 _Error = tuple[tuple[Any, ...], str, Any]
+
+
+class NoModelToServe(RuntimeError):
+    """Start-up found no model to serve; the log has said why, in a line."""
 
 
 def create_app(
@@ -113,7 +118,7 @@ def create_app(
             await run_in_threadpool(watcher.start_serving)
         except Exception as exc:
             logger.error("no loadable model to serve, not starting: %s", exc)
-            raise
+            raise NoModelToServe(str(exc)) from exc
         log = RecommendationLog(
             settings.recommendation_cache, settings.recommendation_cache_items
         )

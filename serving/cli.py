@@ -11,7 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from serving import memory
-from serving.app import create_app
+from serving.app import NoModelToServe, create_app
 from serving.config import ServingSettings
 from serving.replay import ReplaySummary, ReplayUser
 from serving.replay import replay as replay_users
@@ -70,6 +70,16 @@ def torch_threads(settings: ServingSettings) -> None:
     )
 
 
+def _no_start_up_traceback(record: logging.LogRecord) -> bool:
+    """Drops the traceback uvicorn logs when start-up finds no model to serve:
+    the app has logged the reason in a line, and uvicorn then says that
+    start-up failed."""
+    return not (
+        record.getMessage().startswith("Traceback")
+        and NoModelToServe.__name__ in record.getMessage()
+    )
+
+
 def serve(settings: ServingSettings | None = None) -> None:
     """Serve the model with uvicorn until interrupted.
 
@@ -82,6 +92,7 @@ def serve(settings: ServingSettings | None = None) -> None:
     memory.limit_arenas(settings.malloc_arenas)
     memory.fix_mmap_threshold(settings.malloc_mmap_threshold)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
+    logging.getLogger("uvicorn.error").addFilter(_no_start_up_traceback)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -696,7 +696,9 @@ def test_loading_a_missing_network_names_the_file(space, tmp_path: Path) -> None
         load_network(tmp_path, "nothing", space)
 
 
-@pytest.mark.parametrize("damage", ["tensors cut short", "config edited"])
+@pytest.mark.parametrize(
+    "damage", ["tensors cut short", "config edited", "tensors not a torch file"]
+)
 def test_loading_a_damaged_network_names_the_file(
     space, student, tmp_path: Path, damage: str
 ) -> None:
@@ -705,6 +707,8 @@ def test_loading_a_damaged_network_names_the_file(
     if damage == "tensors cut short":
         tensors = tmp_path / "student.pt"
         tensors.write_bytes(tensors.read_bytes()[:1000])
+    elif damage == "tensors not a torch file":
+        (tmp_path / "student.pt").write_bytes(b"not a model")
     else:
         meta = tmp_path / "student.json"
         meta.write_text(meta.read_text().replace('"embedding_dim"', '"width"'))
@@ -713,6 +717,8 @@ def test_loading_a_damaged_network_names_the_file(
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'student'}.pt with student.json cannot")
     assert "write them again with the step that made them" in message
+    # Never torch's advice to load without weights_only, which runs pickles.
+    assert "weights_only" not in message and "\n" not in message
 
 
 def test_dense_quantization_keeps_scores_close(space, student) -> None:

@@ -1115,6 +1115,8 @@ def test_python_m_serving_without_a_loadable_model_exits_with_message(tmp_path):
     assert result.returncode != 0
     assert "no loadable model to serve" in result.stderr
     assert "bundle.json" in result.stderr
+    # The reason in a line, not under a traceback of the start-up machinery.
+    assert "Traceback" not in result.stderr
 
 
 def test_lifespan_freezes_start_up_objects_and_hands_them_back(
