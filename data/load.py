@@ -34,8 +34,10 @@ def load_data(path: Path, mapping: ColumnMapping | Path | None = None) -> Loaded
         raise FileNotFoundError(f"{path} does not exist")
     if mapping is None:
         raise ValueError(
-            f"{path} is a log file: say which columns hold what with --mapping "
-            "FILE (JSON or YAML with user, item, timestamp and rating or click)"
+            f"{path} is a log file: say which columns hold what in a mapping "
+            "file (JSON or YAML with user, item, timestamp and rating or "
+            "click), given as --mapping FILE, `mapping` in a --config, or the "
+            "weekly DAG's mapping param"
         )
     if isinstance(mapping, ColumnMapping):
         return load_generic(path, mapping)

@@ -156,4 +156,7 @@ def _fix(field: FieldInfo | None, expected: str | None, allowed: str) -> str:
     plain_default = (
         field is not None and not field.is_required() and field.default_factory is None
     )
+    if plain_default and field.default is None:
+        # A value the bounds refuse; None is the setting's absence, no example.
+        return f"{fix}, or leave it out (the default: not set)"
     return f"{fix}, e.g. the default {field.default!r}" if plain_default else fix

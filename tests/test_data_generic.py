@@ -613,3 +613,11 @@ def test_a_quote_left_open_stops_the_file_at_its_line(
     kind = suffix[1:].upper()
     with pytest.raises(DataLayoutError, match=f"line 400: cannot be read as {kind}"):
         load_generic(path, PLAIN_MAPPING)
+
+
+def test_a_log_without_a_mapping_says_each_way_to_give_one(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "log.csv", RATED)
+    with pytest.raises(ValueError, match="log.csv is a log file") as caught:
+        load_data(path)
+    message = str(caught.value)
+    assert "--mapping FILE" in message and "DAG's mapping param" in message

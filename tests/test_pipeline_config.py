@@ -73,7 +73,11 @@ def test_every_bounded_field_refuses_values_outside_with_its_range(
         expected = f"{path}: field 'train.{name}' is {value!r}; it must be"
         assert message.startswith(expected)
         assert field.description in message
-        assert f"e.g. the default {field.default!r}" in message
+        if field.default is None:  # not set by default: no value to suggest
+            assert "or leave it out (the default: not set)" in message
+            assert "e.g. the default None" not in message
+        else:
+            assert f"e.g. the default {field.default!r}" in message
         assert "Input should" not in message, "no raw pydantic wording"
 
 
