@@ -261,7 +261,7 @@ def load_generic(
         quarantine.add(path.name, line, reason, text)
     columns = {"user_id": [], "item_id": [], "rating": [], "click": [], "timestamp": []}
     kept_rows = []
-    seen = set()
+    seen: dict[tuple, int] = {}  # (user, item, time) to the line that has it
     records = zip(frame.index, frame.to_dict("records"))
     for index, (line, row) in enumerate(records):
         parsed = _parse_row(row, mapping)
@@ -270,10 +270,10 @@ def load_generic(
             continue
         key = (parsed[0], parsed[1], parsed[4])
         if key in seen:
-            reason = "duplicate of an earlier row (same user, item and timestamp)"
+            reason = f"duplicate of line {seen[key]} (same user, item and timestamp)"
             quarantine.add(path.name, line, reason, json.dumps(row, default=str))
             continue
-        seen.add(key)
+        seen[key] = line
         for name, value in zip(columns, parsed):
             columns[name].append(value)
         kept_rows.append(index)

@@ -179,7 +179,7 @@ def _read_ratings(
 ) -> tuple[pd.DataFrame, int]:
     columns = {"user_id": [], "item_id": [], "rating": [], "click": [], "timestamp": []}
     before = len(quarantine)
-    seen = set()
+    seen: dict[tuple, int] = {}  # (user, item, time) to the line that has it
     for number, raw, (uid, iid, rating, ts) in _lines(path, "\t", 4, quarantine):
         user_id, item_id, rating_value, timestamp = map(_int, (uid, iid, rating, ts))
         if user_id is None or item_id is None or timestamp is None:
@@ -191,9 +191,10 @@ def _read_ratings(
         elif item_id not in item_ids:
             reason = f"unknown item {item_id} (not in u.item)"
         elif (user_id, item_id, timestamp) in seen:
-            reason = "duplicate of an earlier row (same user, item and timestamp)"
+            first = seen[(user_id, item_id, timestamp)]
+            reason = f"duplicate of line {first} (same user, item and timestamp)"
         else:
-            seen.add((user_id, item_id, timestamp))
+            seen[(user_id, item_id, timestamp)] = number
             columns["user_id"].append(user_id)
             columns["item_id"].append(item_id)
             columns["rating"].append(float(rating_value))

@@ -260,7 +260,9 @@ def test_duplicate_row_is_quarantined(tmp_path: Path) -> None:
     columns["clicked"][-1] = "0"  # same user, item and time: still a duplicate
     loaded = load_generic(write_csv(tmp_path / "log.csv", columns), CLICK_MAPPING)
     assert loaded.quarantine.line.tolist() == [5]
-    assert "duplicate" in loaded.quarantine.reason.iloc[0]
+    assert loaded.quarantine.reason.iloc[0] == (
+        "duplicate of line 2 (same user, item and timestamp)"
+    )
     assert loaded.interactions.click.tolist() == [1, 0, 1], "the first one is kept"
     assert loaded.rows_in == loaded.rows_kept + loaded.rows_quarantined == 4
 

@@ -154,7 +154,7 @@ def test_blank_lines_are_neither_kept_nor_quarantined(tmp_path: Path) -> None:
         ("1\t10\t²\t200", "rating '²'"),
         ("99\t10\t5\t200", "unknown user 99"),
         ("1\t999\t5\t200", "unknown item 999"),
-        (RATINGS[2], "duplicate"),
+        (RATINGS[2], "duplicate of line 3 (same user, item and timestamp)"),
     ],
     ids=[
         "too-few-fields",
