@@ -236,4 +236,22 @@ class FeatureSpace:
 
     @classmethod
     def load(cls, path: Path) -> "FeatureSpace":
-        return cls(**json.loads(Path(path).read_text()))
+        """Reads what :meth:`save` wrote.
+
+        Raises:
+            FileNotFoundError: there is no file.
+            ValueError: it is not a feature space (cut short, edited),
+                naming the file and the fix.
+        """
+        text = Path(path).read_text()
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"{path} is not a feature space emarec wrote ({type(error).__name__}"
+                f"{': ' + reason[:200] if reason else ''}): it was cut short or "
+                "edited; write it again with the step that made it (train), or "
+                "export the bundle again"
+            ) from None

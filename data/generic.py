@@ -261,7 +261,7 @@ def load_generic(
         quarantine.add(path.name, line, reason, text)
     columns = {"user_id": [], "item_id": [], "rating": [], "click": [], "timestamp": []}
     kept_rows = []
-    seen: dict[tuple, int] = {}  # (user, item, time) to the line that has it
+    seen: dict[tuple, tuple] = {}  # (user, item, time) to its line and click
     records = zip(frame.index, frame.to_dict("records"))
     for index, (line, row) in enumerate(records):
         parsed = _parse_row(row, mapping)
@@ -270,10 +270,14 @@ def load_generic(
             continue
         key = (parsed[0], parsed[1], parsed[4])
         if key in seen:
-            reason = f"duplicate of line {seen[key]} (same user, item and timestamp)"
+            first, click = seen[key]
+            same = "same user, item and timestamp"
+            if parsed[3] != click:
+                same += "; its label differs, the first is kept"
+            reason = f"duplicate of line {first} ({same})"
             quarantine.add(path.name, line, reason, json.dumps(row, default=str))
             continue
-        seen[key] = line
+        seen[key] = (line, parsed[3])
         for name, value in zip(columns, parsed):
             columns[name].append(value)
         kept_rows.append(index)
@@ -373,33 +377,38 @@ def _as_float(value) -> float | None:
 # 5000) but in finer units, read as such: 1e11 ms is 1973, as is 1e14 us
 # and 1e17 ns.
 EPOCH_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))
+BEFORE_1970 = "is before 1970: not the time of a logged event"
 
 
 def _as_timestamp(value) -> int | str | None:
     """Epoch seconds; a row's reason to be refused (str); or None for a
     value that is neither a number nor a written-out date."""
-    number = _as_float(value) if not isinstance(value, pd.Timestamp) else None
+    # Whole numbers exactly (a float would round nanoseconds), others as float.
+    number = _as_int(value) if not isinstance(value, pd.Timestamp) else None
+    if number is None and not isinstance(value, pd.Timestamp):
+        number = _as_float(value)
     if number is not None:
         if number > INT64_MAX:  # beyond even nanoseconds as int64
             return None
         if number < 0:
-            return "is before 1970: not the time of a logged event"
+            return BEFORE_1970
         for floor, per_second in EPOCH_UNITS:
             if number >= floor:
-                number /= per_second
-                break
+                return math.floor(number // int(per_second))
         return math.floor(number)
     if isinstance(value, pd.Timestamp):
-        return int(value.timestamp())
+        seconds = int(value.timestamp())
+        return seconds if seconds >= 0 else BEFORE_1970
     text = str(value).strip()
     # pandas also reads words such as "now" and "today", which would make a
     # row's time the moment of ingest: only dates written out are accepted.
     if not text[:4].isdigit():
         return None
     try:
-        return int(pd.Timestamp(text).timestamp())
+        seconds = int(pd.Timestamp(text).timestamp())
     except (ValueError, TypeError, OverflowError):
         return None
+    return seconds if seconds >= 0 else BEFORE_1970
 
 
 def _latest_known(table: pd.DataFrame, name: str, features: list[str]) -> pd.DataFrame:

@@ -127,7 +127,17 @@ class ModelBundle:
         meta_path = path / "bundle.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{path} is not an emarec bundle: bundle.json is missing")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except ValueError as error:
+            raise ValueError(
+                f"{meta_path} is not JSON ({error}): export the bundle again"
+            ) from None
+        if not isinstance(self.meta, dict) or "max_history" not in self.meta:
+            raise ValueError(
+                f"{meta_path} holds no bundle description (format, max_history): "
+                "export the bundle again"
+            )
         if self.meta.get("format") != BUNDLE_FORMAT:
             raise ValueError(
                 f"{meta_path}: bundle format {self.meta.get('format')} is not "

@@ -60,7 +60,9 @@ def _reason(error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError):
         return "not plain weights: pickled objects, or not a torch file at all"
     first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:300]}"
+    # Its first sentence: torch goes on with advice of its own.
+    sentence = first.split(". ")[0].rstrip(".")[:300]
+    return f"{type(error).__name__}: {sentence}"
 
 
 def _load_network(folder: Path, name: str, space: FeatureSpace) -> nn.Module:

@@ -372,7 +372,8 @@ def run_evaluate(config: PipelineConfig) -> dict:
     trained = trained_stamp(config.work_dir)
     quantize = read_quantized(folder)
     quantized = quantize.get("quantized")
-    if quantize and quantize.get("trained") != trained:
+    int8 = (folder / "student_int8.pt").is_file()
+    if int8 and quantize.get("trained") != trained:
         # Its figures would be logged as the INT8 student of this training.
         raise ValueError(
             f"{folder / 'student_int8.pt'} was quantized from another training "

@@ -221,6 +221,7 @@ def test_click_log_has_nan_ratings(tmp_path: Path) -> None:
         ("when", "today", "when 'today' is neither"),
         ("when", "99999999999999999999", "when '99999999999999999999' is neither"),
         ("when", "-5", "when '-5' is before 1970"),
+        ("when", "1969-12-31", "when '1969-12-31' is before 1970"),
         ("uid", "99999999999999999999", "is not a non-negative integer"),
         ("stars", "6", "stars '6' is not a number from 1 to 5"),
         ("stars", "0", "stars '0' is not a number from 1 to 5"),
@@ -261,7 +262,8 @@ def test_duplicate_row_is_quarantined(tmp_path: Path) -> None:
     loaded = load_generic(write_csv(tmp_path / "log.csv", columns), CLICK_MAPPING)
     assert loaded.quarantine.line.tolist() == [5]
     assert loaded.quarantine.reason.iloc[0] == (
-        "duplicate of line 2 (same user, item and timestamp)"
+        "duplicate of line 2 (same user, item and timestamp; its label differs, "
+        "the first is kept)"
     )
     assert loaded.interactions.click.tolist() == [1, 0, 1], "the first one is kept"
     assert loaded.rows_in == loaded.rows_kept + loaded.rows_quarantined == 4
@@ -274,7 +276,7 @@ def test_epoch_timestamps_in_finer_units_read_as_seconds(tmp_path: Path) -> None
         f"{seconds}.7",  # a fraction is dropped
         str(seconds * 1000 + 250),  # milliseconds
         str(seconds * 10**6),  # microseconds
-        str(seconds * 10**9),  # nanoseconds
+        str(seconds * 10**9 + 999_999_999),  # nanoseconds, exactly
         "1.6e9",
     ]
     columns = {

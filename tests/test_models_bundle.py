@@ -204,3 +204,22 @@ def test_requests_never_run_the_item_tables_over_the_catalogue(
     assert sizes == [], "warm requests are served from the cache alone"
     bundle.recommend_cold(cold_users(bundle, 1)[0], 10)
     assert sizes == [bundle.max_history], "a cold request encodes its history only"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("bundle.json", "not json", "bundle.json is not JSON"),
+        ("bundle.json", "[]", "bundle.json holds no bundle description"),
+        ("space.json", "[]", "space.json is not a feature space emarec wrote"),
+        ("space.json", '{"bogus": 1}', "space.json is not a feature space"),
+    ],
+)
+def test_a_damaged_bundle_file_is_named(pipeline_run, tmp_path, name, text, says):
+    import shutil
+
+    config, _ = pipeline_run
+    copy = shutil.copytree(config.work_dir / "bundle", tmp_path / "bundle")
+    (copy / name).write_text(text)
+    with pytest.raises(ValueError, match=says):
+        ModelBundle(copy)

@@ -325,6 +325,9 @@ def test_register_refuses_parts_of_two_trainings_until_the_steps_rerun(small_run
     with pytest.raises(ValueError, match="quantized from another.*emarec quantize"):
         run_step("evaluate", config)
     assert (config.work_dir / "eval" / "metrics.json").read_bytes() == metrics
+    (config.work_dir / "model" / "quantize.json").write_text("{}")  # emptied by hand
+    with pytest.raises(ValueError, match="quantized from another.*emarec quantize"):
+        run_step("evaluate", config)
     run_step("quantize", config)
     with pytest.raises(ValueError, match="eval/metrics.json measured other networks"):
         run_step("register", config)
