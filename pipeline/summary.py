@@ -22,7 +22,8 @@ def format_summary(config: PipelineConfig, results: dict) -> str:
         f" student steps, {train['snapshot_version']} teacher snapshots,"
         f" {train['train_seconds']} s",
         "",
-        table[columns].to_string(float_format=lambda v: f"{v:.4f}"),
+        # n/a: a figure a row has none of (the bound row's AUC).
+        table[columns].to_string(float_format=lambda v: f"{v:.4f}", na_rep="n/a"),
         "",
         f"model      {config.model_name} version {register['version']}: "
         + (

@@ -455,3 +455,17 @@ def test_a_refused_ingest_leaves_no_run_to_train_on(tmp_path):
     refused = f"holds an ingest that was refused.*{again}"
     with pytest.raises(FileNotFoundError, match=refused):
         run_step("train", config)
+
+
+def test_the_run_summary_shows_each_model_and_the_bound(pipeline_run):
+    from pipeline.summary import format_summary
+
+    config, results = pipeline_run
+    text = format_summary(config, results)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line}
+    assert len(rows["student_int8"]) == 4
+    # The bound has rankings only: its AUC cells say so, not NaN.
+    assert rows["test_click_popularity"][0] == "n/a" and "NaN" not in text
+    assert float(rows["test_click_popularity"][1]) == pytest.approx(
+        results["evaluate"]["test_click_popularity/cold/recall_at_10"], abs=1e-4
+    )
