@@ -38,10 +38,28 @@ def absolute_uri(uri: str) -> str:
         if path in ("", ":memory:"):
             return uri
         return sqlite + str(Path(path).resolve())
-    plain = "://" not in uri and ":" not in uri.split("/")[0]
-    if plain and not uri.startswith("databricks"):
+    if _plain_path(uri):
         return str(Path(uri).resolve())
     return uri
+
+
+def _plain_path(uri: str) -> bool:
+    """A tracking URI that is a folder path: no scheme, not ``databricks``."""
+    return (
+        "://" not in uri
+        and ":" not in uri.split("/")[0]
+        and not uri.startswith("databricks")
+    )
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (``sqlite:///``,
+    ``file:`` or a plain path), or None for a server or another kind."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    return Path(uri) if _plain_path(uri) else None
 
 
 def default_work_dir() -> Path:

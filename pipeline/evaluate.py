@@ -43,6 +43,7 @@ from pipeline.lineage import (  # noqa: E402
     read_json,
     read_quantized,
     rewrite_error,
+    stale_int8,
     trained_stamp,
     write_lineage,
 )
@@ -375,11 +376,7 @@ def run_evaluate(config: PipelineConfig) -> dict:
     int8 = (folder / "student_int8.pt").is_file()
     if int8 and quantize.get("trained") != trained:
         # Its figures would be logged as the INT8 student of this training.
-        raise ValueError(
-            f"{folder / 'student_int8.pt'} was quantized from another training "
-            "than the networks now in model/ (train ran after quantize): run "
-            f"`emarec quantize --work-dir {config.work_dir}`, then evaluate"
-        )
+        raise stale_int8(config.work_dir, ", then evaluate")
     space = FeatureSpace.load(folder / "space.json")
     prepared = prepare(config.work_dir, config.train.max_history, space)
     models = {name: load_network(folder, name, space) for name in saved_models(folder)}

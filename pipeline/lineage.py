@@ -176,6 +176,16 @@ def trained_stamp(work_dir: Path) -> str:
     return trained
 
 
+def stale_int8(work_dir: Path, then: str) -> ValueError:
+    """The error for an INT8 student quantized from an earlier training;
+    ``then`` names what to run after quantize."""
+    return ValueError(
+        f"{work_dir}/model/student_int8.pt was quantized from another training "
+        "than the networks now in model/ (train ran after quantize): run "
+        f"`emarec quantize --work-dir {work_dir}`{then}"
+    )
+
+
 def check_lineage(
     ingested: dict, trained: dict, quantized: dict, evaluated: dict, work_dir: Path
 ) -> None:
@@ -208,12 +218,7 @@ def check_lineage(
             "then quantize and evaluate, before register"
         )
     if quantized.get("trained") != trained["trained"]:
-        raise ValueError(
-            f"{work_dir}/model/student_int8.pt was quantized from another "
-            "training than the networks now in model/ (train ran after "
-            f"quantize): run `emarec quantize {again}` and `emarec evaluate "
-            f"{again}` before register"
-        )
+        raise stale_int8(work_dir, f" and `emarec evaluate {again}` before register")
     if not evaluated:
         raise ValueError(
             f"{work_dir}/eval/lineage.json is missing: the evaluate that wrote "

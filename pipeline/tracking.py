@@ -10,7 +10,7 @@ from typing import Iterator
 
 import mlflow
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, local_store
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +82,6 @@ def check_run(config: PipelineConfig, warn_missing: bool = False) -> None:
         mlflow.MlflowClient(config.tracking_uri).get_run(existing)
     except mlflow.exceptions.MlflowException:
         raise refused from None
-
-
-def local_store(uri: str) -> Path | None:
-    """The file or folder of a local tracking store (``sqlite:///``,
-    ``file:`` or a plain path), or None for a server or another kind."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :].split("?", 1)[0])
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if "://" not in uri and ":" not in uri.split("/")[0] and uri != "databricks":
-        return Path(uri)
-    return None
 
 
 @contextmanager
